@@ -1,0 +1,85 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Transport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRANSPORT_UNSPECIFIED: _ClassVar[Transport]
+    TRANSPORT_GRPC_STREAM: _ClassVar[Transport]
+    TRANSPORT_NCCL: _ClassVar[Transport]
+TRANSPORT_UNSPECIFIED: Transport
+TRANSPORT_GRPC_STREAM: Transport
+TRANSPORT_NCCL: Transport
+
+class WatchVersionsRequest(_message.Message):
+    __slots__ = ("replica_id", "current_version")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    current_version: int
+    def __init__(self, replica_id: _Optional[str] = ..., current_version: _Optional[int] = ...) -> None: ...
+
+class VersionAnnouncement(_message.Message):
+    __slots__ = ("version", "total_bytes", "total_chunks", "num_tensors", "sha256", "transport")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    total_bytes: int
+    total_chunks: int
+    num_tensors: int
+    sha256: str
+    transport: Transport
+    def __init__(self, version: _Optional[int] = ..., total_bytes: _Optional[int] = ..., total_chunks: _Optional[int] = ..., num_tensors: _Optional[int] = ..., sha256: _Optional[str] = ..., transport: _Optional[_Union[Transport, str]] = ...) -> None: ...
+
+class FetchWeightsRequest(_message.Message):
+    __slots__ = ("version", "replica_id", "chunk_indices", "max_chunk_bytes")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_INDICES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    replica_id: str
+    chunk_indices: _containers.RepeatedScalarFieldContainer[int]
+    max_chunk_bytes: int
+    def __init__(self, version: _Optional[int] = ..., replica_id: _Optional[str] = ..., chunk_indices: _Optional[_Iterable[int]] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class WeightChunk(_message.Message):
+    __slots__ = ("version", "index", "total_chunks", "offset", "data", "sha256", "manifest")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    index: int
+    total_chunks: int
+    offset: int
+    data: bytes
+    sha256: str
+    manifest: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    def __init__(self, version: _Optional[int] = ..., index: _Optional[int] = ..., total_chunks: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "offset", "nbytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    nbytes: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,225 @@
+"""Returns and advantages, S1 semantics (pure-algorithm.md section 4).
+
+Shapes: B responses, L padded tokens, K padded steps; G prompt groups. `group_index` [B] long
+gives each response's group (any ids; each group needs at least two responses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .credit import CreditMethod, credit_transform, outcome_reward
+from .steps import StepLayout, scatter_to_step_ends, step_layout
+
+RewardMode = Literal["prm", "vr", "prm+vr"]
+BaselineKind = Literal["token", "step"]
+KlEstimator = Literal["k1", "k3"]
+REWARD_MODES: tuple[str, ...] = ("prm", "vr", "prm+vr")
+BASELINES: tuple[str, ...] = ("token", "step")
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "k3")
+
+
+def _group_sums(values: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+    """[B] values -> [B]: the sum over each response's group (itself included)."""
+    dense = torch.unique(group_index, return_inverse=True)[1]
+    totals = torch.zeros(
+        int(dense.max()) + 1 if dense.numel() else 0, dtype=values.dtype, device=values.device
+    )
+    totals.index_add_(0, dense, values)
+    return totals[dense]
+
+
+def leave_one_out(values: torch.Tensor, group_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over the other members of the group, number of other members); both [B].
+
+    ValueError if a group has a single response: a leave-one-out baseline needs n >= 2.
+    """
+    others = _group_sums(torch.ones_like(values), group_index) - 1
+    if bool((others < 1).any()):
+        raise ValueError("every prompt group needs at least two responses")
+    return _group_sums(values, group_index) - values, others
+
+
+def token_level_baseline(
+    outcome: torch.Tensor, response_lengths: torch.Tensor, group_index: torch.Tensor
+) -> torch.Tensor:
+    """abar_i = sum_{j != i} O_j / sum_{j != i} L_j: the others' reward per token. All [B]."""
+    reward_others, _ = leave_one_out(outcome, group_index)
+    tokens_others, _ = leave_one_out(response_lengths.to(outcome.dtype), group_index)
+    return reward_others / tokens_others.clamp(min=1)
+
+
+def step_level_baseline(
+    outcome: torch.Tensor, num_steps: torch.Tensor, group_index: torch.Tensor
+) -> torch.Tensor:
+    """b_i = (1 / (n - 1)) sum_{j != i} O_j / K_j: the others' mean reward per step. All [B]."""
+    per_step = outcome / num_steps.to(outcome.dtype).clamp(min=1)
+    total, count = leave_one_out(per_step, group_index)
+    return total / count
+
+
+def verifiable_advantage(
+    solved: torch.Tensor, has_ground_truth: torch.Tensor, group_index: torch.Tensor
+) -> torch.Tensor:
+    """vt_i = v_i - mean_{j != i} v_j with v = solved - 1 (0 without ground truth). All [B]."""
+    v = torch.where(has_ground_truth, solved.double() - 1.0, 0.0)
+    others_total, others_count = leave_one_out(v, group_index)
+    return v - others_total / others_count
+
+
+def kl_estimate(
+    logp_old: torch.Tensor, logp_ref: torch.Tensor, token_mask: torch.Tensor, estimator: KlEstimator = "k1"
+) -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate, [B, L] (0 on padding).
+
+    k1 = logp_old - logp_ref (S1); k3 = exp(d) - d - 1 with d = logp_ref - logp_old
+    (non-negative, lower variance; S2).
+    """
+    if estimator == "k1":
+        kl = logp_old - logp_ref
+    elif estimator == "k3":
+        d = logp_ref - logp_old
+        kl = torch.expm1(d) - d
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+    return torch.where(token_mask, kl, torch.zeros_like(kl))
+
+
+def returns_to_go(token_rewards: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """G_t = sum_{t' >= t} rho_t' (gamma = 1) over valid tokens. [B, L] -> [B, L]."""
+    rho = torch.where(token_mask, token_rewards, torch.zeros_like(token_rewards))
+    returns = rho.flip(-1).cumsum(-1).flip(-1)
+    return torch.where(token_mask, returns, torch.zeros_like(returns))
+
+
+def normalize_advantages(
+    advantages: torch.Tensor, token_mask: torch.Tensor, eps: float = 1e-8
+) -> torch.Tensor:
+    """Batch normalisation of S1 (pure-algorithm.md section 4). [B, L] -> [B, L].
+
+    Z = valid tokens whose advantage is exactly 0, N = #valid - |Z|; mu = sum(A) / N;
+    var = sum over all valid tokens of (A - mu)^2 / N; A_hat = (A - mu) / sqrt(max(var, eps)),
+    and 0 on Z and on padding. If N = 0 the result is all zeros.
+    """
+    valid = token_mask & (advantages != 0)
+    count = int(valid.sum())
+    if count == 0:
+        return torch.zeros_like(advantages)
+    a = torch.where(token_mask, advantages, torch.zeros_like(advantages))
+    mean = a.sum() / count
+    var = torch.where(token_mask, (a - mean) ** 2, torch.zeros_like(a)).sum() / count
+    normalized = (a - mean) / torch.sqrt(var.clamp(min=eps))
+    return torch.where(valid, normalized, torch.zeros_like(normalized))
+
+
+@dataclass(frozen=True)
+class PureAdvantages:
+    """Everything credit assignment computed, for training and for explaining it.
+
+    Per step [B, K]: scores (as used: 0 in `vr` mode), step_weights, transformed (r*),
+    baseline_share (what the baseline took from each step), step_rewards (rt, VR included).
+    Per response [B]: outcome (O), baseline (abar for `token`, b for `step`), vr_advantage (vt,
+    0 in `prm` mode). Per token [B, L]: token_rewards (rho, KL included), returns (G),
+    advantages (G with step ends and padding at 0), normalized (A_hat; equals advantages when
+    normalisation is off).
+    """
+
+    layout: StepLayout
+    scores: torch.Tensor
+    step_weights: torch.Tensor
+    transformed: torch.Tensor
+    outcome: torch.Tensor
+    baseline: torch.Tensor
+    baseline_share: torch.Tensor
+    vr_advantage: torch.Tensor
+    step_rewards: torch.Tensor
+    token_rewards: torch.Tensor
+    returns: torch.Tensor
+    advantages: torch.Tensor
+    normalized: torch.Tensor
+
+
+def pure_advantages(
+    step_scores: torch.Tensor,
+    step_end_mask: torch.Tensor,
+    token_mask: torch.Tensor,
+    group_index: torch.Tensor,
+    *,
+    solved: torch.Tensor | None = None,
+    has_ground_truth: torch.Tensor | None = None,
+    kl: torch.Tensor | None = None,
+    credit: CreditMethod = "min",
+    temperature: float = 0.1,
+    reward_mode: RewardMode = "prm+vr",
+    baseline: BaselineKind = "token",
+    kl_coef: float = 0.001,
+    vr_coef: float = 1.0,
+    normalize: bool = True,
+) -> PureAdvantages:
+    """PURE credit assignment for a batch of prompt groups, end to end.
+
+    step_scores [B, K'] PRM scores in [-1, 1], left-aligned per response; only the first K_i
+        (the number of step ends of response i) are read, the rest may hold anything.
+    step_end_mask, token_mask [B, L] bool (see steps.py); group_index [B] long.
+    solved, has_ground_truth [B] bool (default: no ground truth anywhere).
+    kl [B, L] per-token KL estimate (see kl_estimate); None = no KL penalty.
+    Returns PureAdvantages; `normalized` is what the PPO loss consumes.
+    """
+    if reward_mode not in REWARD_MODES:
+        raise ValueError(f"unknown reward mode {reward_mode!r}; expected one of {REWARD_MODES}")
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}; expected one of {BASELINES}")
+    layout = step_layout(step_end_mask, token_mask)
+    width = layout.step_mask.shape[1]
+    if step_scores.shape[1] < width:
+        raise ValueError(f"step_scores has {step_scores.shape[1]} columns but a response has {width} steps")
+    scores = step_scores[:, :width]
+    if reward_mode == "vr":
+        scores = torch.zeros_like(scores)
+    scores = torch.where(layout.step_mask, scores, torch.zeros_like(scores))
+
+    weights, transformed = credit_transform(scores, layout.step_mask, credit, temperature)
+    outcome = outcome_reward(transformed, layout.step_mask)
+    if baseline == "token":
+        per_response = token_level_baseline(outcome, token_mask.sum(-1), group_index)
+        share = per_response.unsqueeze(-1) * layout.content_tokens.to(scores.dtype)
+    else:
+        per_response = step_level_baseline(outcome, layout.num_steps, group_index)
+        share = per_response.unsqueeze(-1).expand_as(scores)
+    share = torch.where(layout.step_mask, share, torch.zeros_like(share))
+    step_rewards = transformed - share
+
+    vt = torch.zeros_like(outcome)
+    if reward_mode != "prm":
+        if solved is None or has_ground_truth is None:
+            solved = torch.zeros_like(outcome, dtype=torch.bool)
+            has_ground_truth = torch.zeros_like(outcome, dtype=torch.bool)
+        vt = verifiable_advantage(solved, has_ground_truth, group_index).to(outcome.dtype)
+        last_step = (layout.num_steps - 1).clamp(min=0).unsqueeze(-1)
+        vr_bonus = torch.zeros_like(step_rewards).scatter_(1, last_step, (vr_coef * vt).unsqueeze(-1))
+        step_rewards = step_rewards + torch.where(layout.step_mask, vr_bonus, torch.zeros_like(vr_bonus))
+
+    token_rewards = scatter_to_step_ends(step_rewards, layout)
+    if kl is not None and kl_coef != 0:
+        token_rewards = token_rewards - kl_coef * torch.where(token_mask, kl, torch.zeros_like(kl))
+    returns = returns_to_go(token_rewards, token_mask)
+    advantages = torch.where(token_mask & ~layout.step_end_mask, returns, torch.zeros_like(returns))
+    normalized = normalize_advantages(advantages, token_mask) if normalize else advantages
+    return PureAdvantages(
+        layout=layout,
+        scores=scores,
+        step_weights=weights,
+        transformed=transformed,
+        outcome=outcome,
+        baseline=per_response,
+        baseline_share=share,
+        vr_advantage=vt,
+        step_rewards=step_rewards,
+        token_rewards=token_rewards,
+        returns=returns,
+        advantages=advantages,
+        normalized=normalized,
+    )
