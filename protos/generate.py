@@ -65,13 +65,15 @@ def generate(out: Path, root: Path = PROTO_ROOT) -> list[Path]:
     protos = proto_files(root)
     if not protos:
         raise GenerateError(f"no .proto files found under {root / 'puremesh'}/*/v1/")
-    out.mkdir(parents=True, exist_ok=True)
-    out = out.resolve()
-
     wanted = set(expected_outputs(root))
-    for stale in generated_files(out):
-        if stale not in wanted:
-            (out / stale).unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        out = out.resolve()
+        for stale in generated_files(out):
+            if stale not in wanted:
+                (out / stale).unlink()
+    except OSError as exc:
+        raise GenerateError(f"cannot prepare output folder {out}: {exc}") from exc
 
     args = [
         "grpc_tools.protoc",
