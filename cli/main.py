@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 from puremesh import __version__
 
-from . import credit, demo
+from . import clients, credit, demo, serve
 from .errors import CliError
 
-COMMANDS = (credit, demo)
+COMMANDS = (credit, demo, serve, clients)
 
 
 def build_parser() -> argparse.ArgumentParser:

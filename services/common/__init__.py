@@ -1,0 +1,1 @@
+"""Shared service plumbing: server bootstrap, status-code table, settings, metrics, clients."""

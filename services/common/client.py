@@ -1,0 +1,91 @@
+"""Client plumbing: channels, deadlines on every call, bounded retries with backoff.
+
+Only codes in errors.RETRYABLE_CODES are retried. A server stream is retried only while it
+has not delivered a message, so a caller never sees a message twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from .errors import RETRYABLE_CODES
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """max_attempts counts the first try; backoff grows by `multiplier` up to `max_backoff_s`,
+    with full jitter."""
+
+    max_attempts: int = 4
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+    retryable: frozenset[grpc.StatusCode] = RETRYABLE_CODES
+
+    def backoff(self, attempt: int) -> float:
+        cap = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**attempt)
+        return random.uniform(0, cap)
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+class RpcError(Exception):
+    """A call that failed for good: `code` is the final gRPC status, `details` its message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, target: str = "") -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details, self.target = code, details, target
+
+
+def open_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(
+        target,
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ],
+    )
+
+
+def _as_rpc_error(error: grpc.aio.AioRpcError, target: str) -> RpcError:
+    return RpcError(error.code(), error.details() or "", target)
+
+
+async def call_unary(
+    method: Callable[..., Any], request: Any, *, timeout: float, retry: RetryPolicy, target: str = ""
+) -> Any:
+    """Call a unary RPC with a deadline of `timeout` seconds per attempt and bounded retries."""
+    for attempt in range(retry.max_attempts):
+        try:
+            return await method(request, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in retry.retryable or attempt + 1 == retry.max_attempts:
+                raise _as_rpc_error(error, target) from error
+        await asyncio.sleep(retry.backoff(attempt))
+    raise AssertionError("unreachable")
+
+
+async def call_server_stream(
+    method: Callable[..., Any], request: Any, *, timeout: float, retry: RetryPolicy, target: str = ""
+) -> AsyncIterator[Any]:
+    """Iterate a server stream with a deadline; retried only before the first message."""
+    for attempt in range(retry.max_attempts):
+        received = False
+        try:
+            async for message in method(request, timeout=timeout):
+                received = True
+                yield message
+            return
+        except grpc.aio.AioRpcError as error:
+            if received or error.code() not in retry.retryable or attempt + 1 == retry.max_attempts:
+                raise _as_rpc_error(error, target) from error
+        await asyncio.sleep(retry.backoff(attempt))

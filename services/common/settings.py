@@ -1,0 +1,129 @@
+"""Settings: frozen pydantic models loaded from defaults < YAML file < environment < flags.
+
+Environment variables use a per-service prefix and `__` for nesting, e.g.
+PUREMESH_PRM__SERVER__PORT=50052 or PUREMESH_PRM__MAX_BATCH_TOKENS=8192 (Helm values become
+such variables). Values are parsed as YAML scalars, so "4", "true" and "[a, b]" work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+log = logging.getLogger(__name__)
+
+
+class FrozenSettings(BaseModel):
+    """Base for every settings model: immutable, unknown keys rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerSettings(FrozenSettings):
+    host: str = Field("127.0.0.1", description="address to bind the gRPC server to")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    metrics_port: int | None = Field(
+        0, ge=0, le=65535, description="Prometheus HTTP port; 0 picks a free one, null disables"
+    )
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="gRPC message size limit")
+    max_concurrent_rpcs: int = Field(512, ge=1, description="calls in flight before RESOURCE_EXHAUSTED")
+    drain_delay_seconds: float = Field(
+        0.0, ge=0, description="after SIGTERM: NOT_SERVING this long before refusing calls"
+    )
+    drain_grace_seconds: float = Field(30.0, ge=0, description="after SIGTERM: time for in-flight calls")
+
+
+class SettingsError(Exception):
+    """Settings could not be loaded; the message names the file, variable or field."""
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def _nest(target: dict[str, Any], path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        node = target.get(key)
+        if not isinstance(node, dict):
+            node = target[key] = {}
+        target = node
+    target[path[-1]] = value
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(
+    model: type[Model],
+    path: str | Path | None = None,
+    env_prefix: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Model:
+    """Build `model` from its defaults, a YAML file, environment variables and overrides.
+
+    `overrides` is nested like the model (e.g. {"server": {"port": 50051}}); None values are
+    skipped, so unset command-line flags do not override anything.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as error:
+            raise SettingsError(f"cannot read settings file {path}: {error.strerror}") from error
+        except yaml.YAMLError as error:
+            raise SettingsError(f"settings file {path} is not valid YAML: {error}") from error
+        if loaded is not None and not isinstance(loaded, dict):
+            raise SettingsError(f"settings file {path} must hold a mapping at the top level")
+        data = loaded or {}
+    if env_prefix:
+        environ = os.environ if environ is None else environ
+        for name, raw in sorted(environ.items()):
+            if not name.startswith(env_prefix):
+                continue
+            keys = [k.lower() for k in name[len(env_prefix) :].split("__") if k]
+            if not keys:
+                continue
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else raw
+            except yaml.YAMLError:
+                value = raw
+            _nest(data, keys, value)
+    if overrides:
+        data = _merge(data, _drop_none(overrides))
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise SettingsError(f"invalid setting {where}: {first['msg']}") from error
+
+
+def _drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            nested = _drop_none(value)
+            if nested:
+                out[key] = nested
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def log_settings(name: str, settings: BaseModel) -> None:
+    """Log the resolved settings once at start, as one JSON line."""
+    log.info("%s settings: %s", name, json.dumps(settings.model_dump(mode="json"), sort_keys=True))

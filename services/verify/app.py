@@ -1,0 +1,22 @@
+"""Assembles the verify service for a ServiceHost."""
+
+from __future__ import annotations
+
+from puremesh.services.common.server import ServiceDefinition
+from puremesh.verify.v1 import verify_pb2_grpc
+
+from .pool import GradingPool
+from .servicer import SERVICE, VerifyServicer
+from .settings import VerifySettings
+
+
+def verify_service(settings: VerifySettings) -> ServiceDefinition:
+    pool = GradingPool(settings.workers)
+    return ServiceDefinition(
+        name=SERVICE,
+        full_name="puremesh.verify.v1.VerifyService",
+        servicer=VerifyServicer(settings, pool),
+        add_to_server=verify_pb2_grpc.add_VerifyServiceServicer_to_server,
+        start=pool.start,
+        stop=pool.close,
+    )

@@ -1,0 +1,71 @@
+"""VerifyService: protobuf in, verdicts out. Grading itself lives in grading.py and pool.py."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+from puremesh.common.v1 import common_pb2
+from puremesh.services.common import metrics
+from puremesh.services.common.errors import InvalidArgument
+from puremesh.verify.v1 import verify_pb2, verify_pb2_grpc
+
+from .grading import Verdict
+from .pool import GradingPool
+from .settings import VerifySettings
+
+VERDICT_TO_PROTO = {
+    Verdict.CORRECT: verify_pb2.VERDICT_CORRECT,
+    Verdict.INCORRECT: verify_pb2.VERDICT_INCORRECT,
+    Verdict.NO_ANSWER: verify_pb2.VERDICT_NO_ANSWER,
+    Verdict.NO_GROUND_TRUTH: verify_pb2.VERDICT_NO_GROUND_TRUTH,
+    Verdict.TIMEOUT: verify_pb2.VERDICT_TIMEOUT,
+}
+SERVICE = "verify"
+VERDICTS = Counter(
+    "puremesh_verify_verdicts_total",
+    "Graded items by verdict ('error' for items that could not be graded)",
+    ["verdict"],
+)
+
+
+def _item_error(code: int, message: str) -> verify_pb2.VerifyResult:
+    return verify_pb2.VerifyResult(error=common_pb2.ItemError(code=code, message=message))
+
+
+class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
+    def __init__(self, settings: VerifySettings, pool: GradingPool) -> None:
+        self.settings = settings
+        self.pool = pool
+
+    def _check(self, item: verify_pb2.VerifyItem) -> str | None:
+        """The reason an item cannot be graded, or None."""
+        if len(item.response) > self.settings.max_response_chars:
+            return f"response is {len(item.response)} characters, limit {self.settings.max_response_chars}"
+        if item.HasField("ground_truth") and len(item.ground_truth) > self.settings.max_ground_truth_chars:
+            return f"ground_truth is longer than {self.settings.max_ground_truth_chars} characters"
+        return None
+
+    async def Verify(self, request: verify_pb2.VerifyRequest, context) -> verify_pb2.VerifyResponse:
+        items = request.items
+        if len(items) > self.settings.max_items:
+            raise InvalidArgument(f"{len(items)} items in one call; the limit is {self.settings.max_items}")
+        metrics.BATCH_SIZE.labels(SERVICE).observe(len(items))
+        results: list[verify_pb2.VerifyResult | None] = [None] * len(items)
+        work: list[tuple[int, tuple[str, str | None]]] = []
+        for index, item in enumerate(items):
+            problem = self._check(item)
+            if problem is not None:
+                results[index] = _item_error(common_pb2.ERROR_CODE_INVALID_ARGUMENT, problem)
+            else:
+                truth = item.ground_truth if item.HasField("ground_truth") else None
+                work.append((index, (item.response, truth)))
+        graded = await self.pool.grade_many([w for _, w in work], self.settings.item_timeout_seconds)
+        for (index, _), outcome in zip(work, graded, strict=True):
+            if outcome.error is not None:
+                results[index] = _item_error(common_pb2.ERROR_CODE_INTERNAL, outcome.error)
+            else:
+                results[index] = verify_pb2.VerifyResult(
+                    verdict=VERDICT_TO_PROTO[outcome.verdict], extracted_answer=outcome.answer or ""
+                )
+            VERDICTS.labels(outcome.verdict.value if outcome.error is None else "error").inc()
+        return verify_pb2.VerifyResponse(results=results)

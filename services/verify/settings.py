@@ -1,0 +1,19 @@
+"""Settings of the verify service (env prefix PUREMESH_VERIFY__)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from puremesh.services.common.settings import FrozenSettings, ServerSettings
+
+ENV_PREFIX = "PUREMESH_VERIFY__"
+DEFAULT_PORT = 50053
+
+
+class VerifySettings(FrozenSettings):
+    server: ServerSettings = ServerSettings(port=DEFAULT_PORT, metrics_port=9103)
+    workers: int = Field(2, ge=1, le=256, description="grading processes")
+    item_timeout_seconds: float = Field(5.0, gt=0, le=600, description="hard limit per graded item")
+    max_items: int = Field(4096, ge=1, description="items per Verify call; more is INVALID_ARGUMENT")
+    max_response_chars: int = Field(200_000, ge=1, description="longer responses fail as items")
+    max_ground_truth_chars: int = Field(10_000, ge=1, description="longer ground truths fail as items")
