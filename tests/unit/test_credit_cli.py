@@ -102,7 +102,8 @@ def test_table_output_fits_100_columns(tmp_path, capsys):
             "outside [-1, 1]",
         ),
         (
-            '{"responses": [{"step_tokens": [1], "step_scores": [NaN]}, {"step_tokens": [1], "step_scores": [0]}]}',
+            '{"responses": [{"step_tokens": [1], "step_scores": [NaN]}, '
+            '{"step_tokens": [1], "step_scores": [0]}]}',
             "finite number",
         ),
         (

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 from .credit import CreditMethod, credit_transform, outcome_reward
-from .steps import StepLayout, scatter_to_step_ends, step_layout
+from .steps import StepLayout, step_layout
 
 RewardMode = Literal["prm", "vr", "prm+vr"]
 BaselineKind = Literal["token", "step"]
@@ -90,9 +90,9 @@ def kl_estimate(
 
 def returns_to_go(token_rewards: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     """G_t = sum_{t' >= t} rho_t' (gamma = 1) over valid tokens. [B, L] -> [B, L]."""
-    rho = torch.where(token_mask, token_rewards, torch.zeros_like(token_rewards))
+    rho = torch.where(token_mask, token_rewards, 0.0)
     returns = rho.flip(-1).cumsum(-1).flip(-1)
-    return torch.where(token_mask, returns, torch.zeros_like(returns))
+    return returns.masked_fill_(~token_mask, 0.0)
 
 
 def normalize_advantages(
@@ -104,15 +104,21 @@ def normalize_advantages(
     var = sum over all valid tokens of (A - mu)^2 / N; A_hat = (A - mu) / sqrt(max(var, eps)),
     and 0 on Z and on padding. If N = 0 the result is all zeros.
     """
-    valid = token_mask & (advantages != 0)
-    count = int(valid.sum())
+    return _normalize_zero_padded(torch.where(token_mask, advantages, 0.0), token_mask, eps)
+
+
+def _normalize_zero_padded(a: torch.Tensor, token_mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """normalize_advantages for advantages already 0 on padding (saves a pass over [B, L])."""
+    nonzero = a != 0
+    count = int(torch.count_nonzero(nonzero))
     if count == 0:
-        return torch.zeros_like(advantages)
-    a = torch.where(token_mask, advantages, torch.zeros_like(advantages))
-    mean = a.sum() / count
-    var = torch.where(token_mask, (a - mean) ** 2, torch.zeros_like(a)).sum() / count
-    normalized = (a - mean) / torch.sqrt(var.clamp(min=eps))
-    return torch.where(valid, normalized, torch.zeros_like(normalized))
+        return torch.zeros_like(a)
+    mean = float(a.sum()) / count
+    # Centre, then zero the padding again so that it adds nothing to the sum of squares
+    # (subtracting its contribution afterwards would cancel badly when |mean| >> std).
+    centered = torch.where(token_mask, a - mean, 0.0)
+    var = float(centered.square().sum()) / count
+    return torch.where(nonzero, centered.mul_(1.0 / max(var, eps) ** 0.5), 0.0)
 
 
 @dataclass(frozen=True)
@@ -184,7 +190,7 @@ def pure_advantages(
     weights, transformed = credit_transform(scores, layout.step_mask, credit, temperature)
     outcome = outcome_reward(transformed, layout.step_mask)
     if baseline == "token":
-        per_response = token_level_baseline(outcome, token_mask.sum(-1), group_index)
+        per_response = token_level_baseline(outcome, layout.response_lengths, group_index)
         share = per_response.unsqueeze(-1) * layout.content_tokens.to(scores.dtype)
     else:
         per_response = step_level_baseline(outcome, layout.num_steps, group_index)
@@ -202,12 +208,20 @@ def pure_advantages(
         vr_bonus = torch.zeros_like(step_rewards).scatter_(1, last_step, (vr_coef * vt).unsqueeze(-1))
         step_rewards = step_rewards + torch.where(layout.step_mask, vr_bonus, torch.zeros_like(vr_bonus))
 
-    token_rewards = scatter_to_step_ends(step_rewards, layout)
     if kl is not None and kl_coef != 0:
-        token_rewards = token_rewards - kl_coef * torch.where(token_mask, kl, torch.zeros_like(kl))
-    returns = returns_to_go(token_rewards, token_mask)
-    advantages = torch.where(token_mask & ~layout.step_end_mask, returns, torch.zeros_like(returns))
-    normalized = normalize_advantages(advantages, token_mask) if normalize else advantages
+        token_rewards = torch.where(token_mask, kl.to(step_rewards.dtype), 0.0).mul_(-kl_coef)
+    else:
+        token_rewards = step_rewards.new_zeros(token_mask.shape)
+    token_rewards.index_put_(
+        (layout.end_rows, layout.end_cols),
+        step_rewards[layout.end_rows, layout.end_steps],
+        accumulate=True,
+    )
+    # Right padding holds no reward, so the reverse cumulative sum is already 0 there.
+    returns = token_rewards.flip(-1).cumsum(-1).flip(-1)
+    # Step ends (EOS included) and padding get advantage 0; ends are a subset of valid tokens.
+    advantages = torch.where(token_mask ^ layout.step_end_mask, returns, 0.0)
+    normalized = _normalize_zero_padded(advantages, token_mask) if normalize else advantages
     return PureAdvantages(
         layout=layout,
         scores=scores,

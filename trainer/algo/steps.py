@@ -2,8 +2,8 @@
 
 Conventions used across trainer/algo:
     B  responses in a batch, L  padded response length, K  padded number of steps.
-    token_mask [B, L] bool: valid response tokens (EOS included when generated). Valid tokens
-        need not be left-aligned, but steps follow token order.
+    token_mask [B, L] bool: valid response tokens (EOS included when generated), right-padded:
+        each response's valid tokens come first.
     step_end_mask [B, L] bool: the last token of every step (a separator token, or the last
         valid token for the final step). Always a subset of token_mask.
 Nothing here reads a tokenizer: adapters pass decoded vocabulary strings in.
@@ -79,16 +79,21 @@ def step_end_mask_from_lengths(
 class StepLayout:
     """Where the steps of each response lie.
 
-    step_index [B, L] long: the step each valid token belongs to (0 on padding).
     step_mask [B, K] bool: valid steps (left-aligned: steps 0..K_i-1 of response i).
     step_lengths [B, K] long: n_{i,k}, tokens per step including its end token (0 on padding).
-    step_end_mask [B, L] bool: as given.
-    token_mask [B, L] bool: as given.
+    response_lengths [B] long: L_i, valid tokens per response.
+    end_rows, end_cols, end_steps [E] long: response, token position and step number of every
+        step end, in row-major order (E = total number of steps in the batch).
+    step_end_mask, token_mask [B, L] bool: the step ends (restricted to valid tokens) and the
+        valid tokens.
     """
 
-    step_index: torch.Tensor
     step_mask: torch.Tensor
     step_lengths: torch.Tensor
+    response_lengths: torch.Tensor
+    end_rows: torch.Tensor
+    end_cols: torch.Tensor
+    end_steps: torch.Tensor
     step_end_mask: torch.Tensor
     token_mask: torch.Tensor
 
@@ -102,30 +107,50 @@ class StepLayout:
         """[B, K] long: m_{i,k} = n_{i,k} - 1 (0 on padding)."""
         return (self.step_lengths - 1).clamp(min=0)
 
+    @property
+    def step_index(self) -> torch.Tensor:
+        """[B, L] long: the step each valid token belongs to (0 on padding). Costs a cumsum."""
+        ends = self.step_end_mask.long()
+        return torch.where(self.token_mask, ends.cumsum(-1) - ends, 0)
+
 
 def step_layout(step_end_mask: torch.Tensor, token_mask: torch.Tensor) -> StepLayout:
     """Derive per-step structure from step ends.
 
-    step_end_mask, token_mask: [B, L] bool. The last valid token of every non-empty row must
-    be a step end (otherwise trailing tokens would belong to no step): ValueError if not.
+    step_end_mask, token_mask: [B, L] bool. Responses must be right-padded (valid tokens
+    first) and the last valid token of every non-empty response must end a step: ValueError
+    otherwise. Works from the sparse list of step ends, so that the cost over [B, L] is a few
+    elementwise passes.
     """
-    if step_end_mask.shape != token_mask.shape:
-        raise ValueError(f"mask shapes differ: {tuple(step_end_mask.shape)} vs {tuple(token_mask.shape)}")
+    if step_end_mask.shape != token_mask.shape or token_mask.dim() != 2:
+        raise ValueError(
+            f"masks must both be [B, L]: {tuple(step_end_mask.shape)} vs {tuple(token_mask.shape)}"
+        )
+    batch, width = token_mask.shape
+    device = token_mask.device
+    lengths = torch.count_nonzero(token_mask, dim=-1)
+    if not torch.equal(token_mask, torch.arange(width, device=device) < lengths.unsqueeze(-1)):
+        raise ValueError("token_mask must be right-padded: each response's valid tokens come first")
     ends = step_end_mask & token_mask
-    if bool((last_valid_token_mask(token_mask) & ~ends).any()):
+    rows = torch.arange(batch, device=device)
+    non_empty = lengths > 0
+    if not bool(ends[rows[non_empty], lengths[non_empty] - 1].all()):
         raise ValueError("the last valid token of a response must end a step")
-    ends_long = ends.long()
-    # Tokens of step k come after k step ends; a step's own end token is still in step k.
-    step_index = torch.where(token_mask, ends_long.cumsum(-1) - ends_long, 0)
-    num_steps = ends_long.sum(-1)
-    width = max(int(num_steps.max()) if num_steps.numel() else 0, 1)
-    step_mask = torch.arange(width, device=ends.device) < num_steps.unsqueeze(-1)
-    step_lengths = torch.zeros(ends.shape[0], width, dtype=torch.long, device=ends.device)
-    step_lengths.scatter_add_(1, step_index, token_mask.long())
-    return StepLayout(step_index, step_mask, step_lengths, ends, token_mask)
+    end_rows, end_cols = ends.nonzero(as_tuple=True)
+    num_steps = torch.bincount(end_rows, minlength=batch)
+    first_end = num_steps.cumsum(0) - num_steps
+    end_steps = torch.arange(end_rows.numel(), device=device) - first_end[end_rows]
+    previous_end = torch.cat([end_cols.new_full((1,), -1), end_cols[:-1]])
+    previous_end = torch.where(end_steps == 0, -1, previous_end)
+    steps = max(int(num_steps.max()) if batch else 0, 1)
+    step_mask = torch.arange(steps, device=device) < num_steps.unsqueeze(-1)
+    step_lengths = torch.zeros(batch, steps, dtype=torch.long, device=device)
+    step_lengths[end_rows, end_steps] = end_cols - previous_end
+    return StepLayout(step_mask, step_lengths, lengths, end_rows, end_cols, end_steps, ends, token_mask)
 
 
 def scatter_to_step_ends(step_values: torch.Tensor, layout: StepLayout) -> torch.Tensor:
     """[B, K] per-step values -> [B, L] tensor holding each step's value at its end token."""
-    at_tokens = step_values.gather(1, layout.step_index)
-    return torch.where(layout.step_end_mask, at_tokens, torch.zeros_like(at_tokens))
+    out = step_values.new_zeros(layout.token_mask.shape)
+    out[layout.end_rows, layout.end_cols] = step_values[layout.end_rows, layout.end_steps]
+    return out
