@@ -22,6 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify.add_argument("--ground-truth", help="the reference answer; empty or 'null' means none")
     verify.set_defaults(run=run_verify)
 
+    score = sub.add_parser("score", help="score each step of a response with the PRM (PrmService)")
+    _add_target(score, 50052)
+    score.add_argument("--question", required=True, help="the prompt the response answers")
+    score.add_argument("--response", required=True, help='the response; steps are separated by "\n\n"')
+    score.set_defaults(run=run_score)
+
 
 def _run(coroutine):
     from puremesh.services.common.client import RpcError
@@ -46,4 +52,24 @@ def run_verify(args: argparse.Namespace) -> int:
         print(json.dumps({"verdict": outcome.verdict, "answer": outcome.answer}))
     else:
         print(f"verdict  {outcome.verdict}\nanswer   {outcome.answer or '-'}")
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from puremesh.services.prm.client import PrmClient
+
+    async def call():
+        async with PrmClient(args.target, timeout=args.timeout) as client:
+            return (await client.score([(args.question, args.response)]))[0]
+
+    scored = _run(call())
+    if scored.error is not None:
+        raise CliError(f"the response could not be scored: {scored.error}", exit_code=1)
+    if args.json:
+        print(json.dumps({"steps": [{"text": s.text, "score": s.score} for s in scored.steps]}))
+        return 0
+    print(f"{'step':>4}  {'score':>7}  text")
+    for number, step in enumerate(scored.steps, 1):
+        text = step.text.replace("\n", "\\n")
+        print(f"{number:>4}  {step.score:>+7.4f}  {text[:80] + ('...' if len(text) > 80 else '')}")
     return 0

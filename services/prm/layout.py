@@ -1,0 +1,115 @@
+"""Step splitting and the PRM input layout, on token ids (pure-algorithm.md sections 1 and 2).
+
+Pure: stdlib only, plain values in and out, no I/O. The trainer keeps its own tensor version
+(trainer/algo/steps.py); both follow the same definition, so a response has the same steps here
+and there:
+
+* A *separator* is every vocabulary id whose decoded text ends with "\\n\\n".
+* Step ends are the separator tokens of the response plus its last token. A response with no
+  separator is one step; an empty response has no steps. Each step's last token is its *end
+  token*; the step's other tokens are its *content*.
+
+Worked example (S = a separator id, E = EOS, n = the "\\n" id, prompt = [p0, p1]):
+
+    response        [a, b, S, c, E]
+    split_steps     [(0, 3), (3, 5)]           step 1 = a b S, step 2 = c E
+    prm_input       [p0, p1, a, b, n, c, n]    end tokens S and E replaced by "\\n"
+    readout         [4, 6]                     the positions of the inserted "\\n" tokens
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+STEP_SEPARATOR = "\n\n"
+
+Span = tuple[int, int]
+
+
+def separator_ids(
+    vocabulary: Mapping[int, str] | Mapping[str, int] | Sequence[str], suffix: str = STEP_SEPARATOR
+) -> frozenset[int]:
+    """Every token id whose *decoded* text ends with `suffix` (default "\\n\\n").
+
+    `vocabulary` is one of: a mapping id -> decoded text; a mapping decoded text -> id; a
+    sequence of decoded texts indexed by id. The texts must be decoded text (what
+    `tokenizer.decode([id])` returns), not a byte-level BPE's raw symbols such as "ĊĊ".
+    Compute this once per tokenizer.
+    """
+    if isinstance(vocabulary, Mapping):
+        pairs = [(k, v) if isinstance(k, int) else (v, k) for k, v in vocabulary.items()]
+    else:
+        pairs = list(enumerate(vocabulary))
+    return frozenset(int(i) for i, text in pairs if text.endswith(suffix))
+
+
+def split_steps(response_ids: Sequence[int], separator_ids: Iterable[int]) -> list[Span]:
+    """The steps of a response as half-open token spans [start, end), end token included.
+
+    Every separator token ends a step, and the last token ends the final step (whatever it is:
+    EOS, a separator, or a plain token of a truncated response). The spans tile the response in
+    order: the first starts at 0, each starts where the previous ended, the last ends at
+    len(response_ids). No separator -> one step [(0, len)]; empty response -> [].
+
+        [a, b, S, c, E] -> [(0, 3), (3, 5)]      [a, S] -> [(0, 2)]      [a, b] -> [(0, 2)]
+        [S, S] -> [(0, 1), (1, 2)]               [a, S, E] -> [(0, 2), (2, 3)]
+    """
+    separators = frozenset(separator_ids)
+    spans: list[Span] = []
+    start = 0
+    for position, token in enumerate(response_ids):
+        if token in separators:
+            spans.append((start, position + 1))
+            start = position + 1
+    if start < len(response_ids):
+        spans.append((start, len(response_ids)))
+    return spans
+
+
+def prm_input(
+    prompt_ids: Sequence[int],
+    response_ids: Sequence[int],
+    spans: Sequence[Span],
+    newline_id: int,
+    drop_ids: Iterable[int],
+) -> tuple[list[int], list[int]]:
+    """The PRM's input ids and the positions at which its step scores are read.
+
+    `spans` are the steps of `response_ids` as returned by `split_steps` (they must tile the
+    response; ValueError otherwise). `drop_ids` are the ids that are dropped when they end the
+    final step: pass the separator ids plus EOS.
+
+    The input is `prompt_ids` followed, for each step k, by the step's content tokens and then one
+    `newline_id` token, where:
+      * a non-final step's end token (always a separator) is dropped;
+      * the final step's end token is dropped iff it is in `drop_ids` (a separator or EOS);
+        otherwise (a response truncated mid-step) it is kept as content.
+    So every step contributes exactly one "\\n", possibly right after the previous one when the
+    step has no content (e.g. a lone EOS after a separator).
+
+    Returns (input_ids, readout_positions): readout_positions[k] is the index in input_ids of
+    the "\\n" inserted after step k, len(readout_positions) == len(spans). Empty spans -> the
+    prompt alone and no positions.
+    """
+    check_spans(spans, len(response_ids))
+    drop = frozenset(drop_ids)
+    input_ids = list(prompt_ids)
+    positions: list[int] = []
+    last = len(spans) - 1
+    for k, (start, end) in enumerate(spans):
+        keep_end = k == last and response_ids[end - 1] not in drop
+        input_ids.extend(response_ids[start : end if keep_end else end - 1])
+        positions.append(len(input_ids))
+        input_ids.append(newline_id)
+    return input_ids, positions
+
+
+def check_spans(spans: Sequence[Span], length: int) -> None:
+    """ValueError unless `spans` are non-empty half-open spans tiling [0, length) in order."""
+    expected_start = 0
+    for start, end in spans:
+        if start != expected_start or end <= start:
+            raise ValueError(f"steps must tile the response in order; got {list(spans)} for {length} tokens")
+        expected_start = end
+    if expected_start != length:
+        raise ValueError(f"steps must cover the response; got {list(spans)} for {length} tokens")

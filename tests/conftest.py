@@ -1,0 +1,49 @@
+"""Shared fixtures. Tiny models are built locally once per session (rule 8: no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding the tiny tokenizer (puremesh.cli.tinyworld.build_tokenizer)."""
+    from puremesh.cli import tinyworld
+
+    out = tmp_path_factory.mktemp("tiny-tokenizer")
+    tinyworld.build_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """A directory holding a random tiny Qwen2ForCausalLM (seed 0) with its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from puremesh.cli import tinyworld
+
+    out = tmp_path_factory.mktemp("tiny-policy")
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir), local_files_only=True)
+    tinyworld.build_policy(out, tokenizer, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_prm_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """A directory holding a random tiny Qwen2ForTokenClassification PRM (seed 0) with its
+    tokenizer."""
+    from transformers import AutoTokenizer
+
+    from puremesh.cli import tinyworld
+
+    out = tmp_path_factory.mktemp("tiny-prm")
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir), local_files_only=True)
+    tinyworld.build_prm(out, tokenizer, seed=0)
+    return out
