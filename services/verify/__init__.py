@@ -1,0 +1,1 @@
+"""Verify service: grades final answers against ground truth (pure `grading`, process `pool`)."""

@@ -1,0 +1,450 @@
+"""A process pool that grades answers with a hard per-item timeout (asyncio API).
+
+Design
+------
+- One dedicated worker process per slot, each with its own duplex pipe. Workers start with the
+  "forkserver" method (never "fork": the host process runs gRPC threads); the fork server
+  imports and warms up sympy and math-verify once (module `_forkserver_warmup`), so a
+  replacement worker starts in tens of milliseconds. Every worker also runs one real comparison
+  before it takes work.
+- Idle workers wait in an asyncio queue. An item takes a worker, sends ``(answer, ground_truth)``
+  down its pipe and waits for the reply with ``loop.add_reader`` (no threads). Replies are read
+  in the event loop; nothing else blocks it.
+- The cheap part of grading (`grading.classify`: answer extraction, NO_GROUND_TRUTH, NO_ANSWER)
+  runs in the host process; only the math-verify comparison goes to a worker.
+- Hard timeout: a worker that has not answered ``timeout_s`` seconds after it got the item is
+  killed (SIGKILL) at once; that item alone yields ``Verdict.TIMEOUT``; a background task
+  starts a replacement, which joins the idle queue once warm. A worker that dies (EOF on its
+  pipe) is replaced the same way.
+- Once a worker has an item, the exchange runs to completion even if the caller is cancelled
+  (it is shielded), so a worker always goes back to the queue or is replaced, and a late reply
+  can never be read as the answer to another item.
+
+Results are `GradeResult` values: the verdict, the extracted answer and ``error``. ``error`` is
+None unless grading itself failed (an exception inside the worker, a crashed worker, an item
+that is not a pair of strings); the verdict is then ``Verdict.NO_ANSWER`` (never rewarded) and
+``error`` says why. A pool that is not running raises `PoolNotRunningError` from `grade_many`.
+
+The pool lives on one event loop: start it, use it and close it from the same loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import multiprocessing
+import os
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from puremesh.services.verify.grading import Verdict, answers_match, classify
+
+__all__ = ["DEFAULT_START_TIMEOUT_S", "GradeResult", "GradingPool", "PoolNotRunningError", "warm_up"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_START_TIMEOUT_S = 60.0
+"""How long a new worker may take to import and warm up before its start counts as failed."""
+
+_WARMUP = ("(x+1)^2", "x^2+2x+1")  # one real comparison: parse, simplify (answer, ground truth)
+_JOIN_TIMEOUT_S = 5.0  # waiting for a killed process to be reaped
+_RESPAWN_FIRST_DELAY_S = 0.1  # backoff between failed attempts to replace a worker ...
+_RESPAWN_MAX_DELAY_S = 10.0  # ... doubling up to this
+_MAX_ERROR_CHARS = 300
+_START_METHODS = ("forkserver", "spawn")
+_FORKSERVER_PRELOAD = "puremesh.services.verify._forkserver_warmup"
+
+
+@dataclass(frozen=True, slots=True)
+class GradeResult:
+    """The grade of one item. ``error`` is set only when grading itself failed."""
+
+    verdict: Verdict
+    answer: str
+    error: str | None = None
+
+
+class PoolNotRunningError(RuntimeError):
+    """The pool was not started yet, or it is closed."""
+
+
+# --------------------------------------------------------------------------------------------
+# Worker process
+# --------------------------------------------------------------------------------------------
+
+
+class _DropDisabledTimeoutWarning(logging.Filter):
+    # math-verify warns once per process that its own timeout is off; the pool is the timeout.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout is disabled")
+
+
+_warm = False
+
+
+def warm_up() -> None:
+    """Prepare a grading process: quiet math-verify's timeout warning, run one real comparison.
+
+    Runs in every worker, and once in the fork server (module `_forkserver_warmup`), so that the
+    lazy initialisation of sympy and the LaTeX parser (~0.4 s) is inherited by forked workers.
+    """
+    global _warm
+    if not _warm:
+        for name in ("math_verify.parser", "math_verify.grader"):
+            logging.getLogger(name).addFilter(_DropDisabledTimeoutWarning())
+        _warm = True
+    answers_match(*_WARMUP)
+
+
+def _worker_main(conn: Connection) -> None:
+    """Worker loop: receive ``(answer, ground_truth)``, reply ``(True, match)`` or ``(False, error)``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the host process
+    warm_up()
+    conn.send(os.getpid())
+    while True:
+        try:
+            answer, ground_truth = conn.recv()
+        except EOFError:  # the pool closed our pipe
+            return
+        try:
+            reply: tuple[bool, Any] = (True, answers_match(answer, ground_truth))
+        except Exception as exc:
+            reply = (False, f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS])
+        conn.send(reply)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+
+class _Worker:
+    __slots__ = ("conn", "pid", "process")
+
+    def __init__(self, process: multiprocessing.process.BaseProcess, conn: Connection) -> None:
+        self.process = process
+        self.conn = conn
+        self.pid: int | None = None
+
+    def kill(self) -> None:
+        """SIGKILL (does not wait); safe to call more than once."""
+        # ValueError: the Process object is closed already (reaped); then there is nothing to kill.
+        with contextlib.suppress(OSError, ValueError):
+            if self.process.pid is not None:
+                self.process.kill()
+
+    def reap(self) -> None:
+        """Wait for the killed process and release its pipe (blocks up to _JOIN_TIMEOUT_S)."""
+        with contextlib.suppress(OSError, ValueError, AssertionError):
+            self.process.join(_JOIN_TIMEOUT_S)
+        with contextlib.suppress(OSError, ValueError):
+            self.process.close()
+        _close_quietly(self.conn)
+
+
+def _close_quietly(conn: Connection) -> None:
+    with contextlib.suppress(OSError):
+        conn.close()
+
+
+def _stop_processes(workers: list[_Worker]) -> None:
+    """Wait for terminated workers to exit, SIGKILL the stubborn ones, release the processes."""
+    for worker in workers:
+        with contextlib.suppress(OSError, ValueError, AssertionError):
+            worker.process.join(_JOIN_TIMEOUT_S)
+        worker.kill()
+        with contextlib.suppress(OSError, ValueError, AssertionError):
+            worker.process.join(_JOIN_TIMEOUT_S)
+        with contextlib.suppress(OSError, ValueError):
+            worker.process.close()
+
+
+async def _receive(conn: Connection, timeout_s: float) -> Any:
+    """The next message on ``conn``; TimeoutError after ``timeout_s``; EOFError if the peer died."""
+    loop = asyncio.get_running_loop()
+    readable = loop.create_future()
+    fd = conn.fileno()
+
+    def on_readable() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(fd, on_readable)
+    try:
+        await asyncio.wait_for(readable, timeout_s)
+    finally:
+        loop.remove_reader(fd)
+    return conn.recv()
+
+
+class GradingPool:
+    """``workers`` grading processes with a hard per-item timeout. See the module docstring.
+
+    Usage::
+
+        pool = GradingPool(workers=4)
+        await pool.start()
+        results = await pool.grade_many([(response, ground_truth), ...], timeout_s=5.0)
+        await pool.close()
+
+    or ``async with GradingPool(4) as pool: ...``.
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        *,
+        start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+        start_method: str = "forkserver",
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if start_method not in _START_METHODS:
+            raise ValueError(f"start_method must be one of {_START_METHODS}, got {start_method!r}")
+        self._size = workers
+        self._start_timeout_s = start_timeout_s
+        self._ctx = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            # A hint that takes effect when the (process-wide) fork server starts: import sympy
+            # and math-verify and warm them up once there instead of in every worker.
+            self._ctx.set_forkserver_preload(["__main__", _FORKSERVER_PRELOAD])
+        self._free: asyncio.Queue[_Worker | None] = asyncio.Queue()
+        self._workers: set[_Worker] = set()  # live, warmed-up workers (idle or busy)
+        self._exchanges: set[asyncio.Future[GradeResult]] = set()  # items in a worker
+        self._replacements: set[asyncio.Task[None]] = set()  # workers being replaced
+        self._started = False
+        self._closed = False
+        self._busy = 0
+        self._waiting = 0
+        self.timeouts_total = 0
+        """Items that hit the timeout since start."""
+        self.restarts_total = 0
+        """Workers killed or lost and replaced since start."""
+
+    # ---- metrics -----------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """The configured number of workers."""
+        return self._size
+
+    @property
+    def ready(self) -> int:
+        """Live, warmed-up workers (idle or busy); below `size` while replacements start."""
+        return len(self._workers)
+
+    @property
+    def busy(self) -> int:
+        """Workers grading an item right now."""
+        return self._busy
+
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting for a free worker."""
+        return self._waiting
+
+    @property
+    def running(self) -> bool:
+        return self._started and not self._closed
+
+    def pids(self) -> list[int]:
+        """Process ids of the live, warmed-up workers."""
+        return sorted(w.pid for w in self._workers if w.pid is not None)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start all workers and wait until each has warmed up.
+
+        With "forkserver" the first pool in a process also boots the fork server, which blocks
+        the event loop while it imports sympy (about a second); later starts are quick.
+        """
+        if self._started or self._closed:
+            raise RuntimeError("GradingPool.start() called twice or after close()")
+        self._started = True
+        try:
+            workers = await asyncio.gather(*(self._spawn() for _ in range(self._size)))
+        except BaseException:
+            await self.close()
+            raise
+        for worker in workers:
+            self._free.put_nowait(worker)
+        log.info("grading pool ready: %d workers, pids %s", self._size, self.pids())
+
+    async def close(self) -> None:
+        """Terminate every worker and wait for them to exit. Idempotent.
+
+        Items waiting for a worker or in flight raise `PoolNotRunningError`.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._replacements):
+            task.cancel()
+        idle: list[_Worker] = []
+        while not self._free.empty():
+            worker = self._free.get_nowait()
+            if worker is not None:
+                idle.append(worker)
+        self._free.put_nowait(None)  # wakes the waiters, each passes it on
+        workers = list(self._workers)
+        self._workers.clear()
+        for worker in workers:
+            with contextlib.suppress(OSError, ValueError):
+                worker.process.terminate()
+        await asyncio.to_thread(_stop_processes, workers)
+        for worker in idle:  # busy workers' pipes are closed by their exchanges
+            with contextlib.suppress(OSError):
+                worker.conn.close()
+        log.info("grading pool closed")
+
+    async def __aenter__(self) -> GradingPool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # ---- grading -----------------------------------------------------------------------------
+
+    async def grade_many(
+        self, items: Sequence[tuple[str, str | None]], timeout_s: float
+    ) -> list[GradeResult]:
+        """Grade ``(response, ground_truth)`` pairs concurrently; one result per item, in order.
+
+        ``timeout_s`` bounds the time each item spends in a worker (waiting for a free worker
+        does not count). An item that exceeds it gets ``Verdict.TIMEOUT`` and its worker is
+        replaced; no other item is affected. Raises ValueError for a non-positive or infinite
+        ``timeout_s`` and `PoolNotRunningError` before `start` or after `close`.
+        """
+        if not (timeout_s > 0 and math.isfinite(timeout_s)):
+            raise ValueError(f"timeout_s must be a positive finite number, got {timeout_s!r}")
+        if not self.running:
+            raise PoolNotRunningError("grading pool is not running")
+        return list(await asyncio.gather(*(self._grade_one(item, timeout_s) for item in items)))
+
+    async def _grade_one(self, item: tuple[str, str | None], timeout_s: float) -> GradeResult:
+        try:
+            response, ground_truth = item
+            verdict, answer = classify(response, ground_truth)
+        except Exception as exc:  # not a (str, str | None) pair
+            return GradeResult(Verdict.NO_ANSWER, "", error=f"malformed item: {type(exc).__name__}: {exc}")
+        if verdict is not None:
+            return GradeResult(verdict, answer)
+        worker = await self._acquire()
+        # From here the worker is ours; the exchange completes even if our caller is cancelled.
+        exchange = asyncio.ensure_future(self._exchange(worker, answer, ground_truth, timeout_s))
+        self._exchanges.add(exchange)
+        exchange.add_done_callback(self._exchange_done)
+        return await asyncio.shield(exchange)
+
+    def _exchange_done(self, exchange: asyncio.Future[GradeResult]) -> None:
+        self._exchanges.discard(exchange)
+        if not exchange.cancelled():
+            exchange.exception()  # retrieved, also when the caller is gone (no "never retrieved")
+
+    async def _acquire(self) -> _Worker:
+        if self._closed:
+            raise PoolNotRunningError("grading pool is closed")
+        self._waiting += 1
+        try:
+            worker = await self._free.get()
+        finally:
+            self._waiting -= 1
+        if worker is None:  # close() woke us
+            self._free.put_nowait(None)
+            raise PoolNotRunningError("grading pool is closed")
+        return worker
+
+    async def _exchange(
+        self, worker: _Worker, answer: str, ground_truth: str | None, timeout_s: float
+    ) -> GradeResult:
+        self._busy += 1
+        try:
+            try:
+                worker.conn.send((answer, ground_truth))
+                ok, payload = await _receive(worker.conn, timeout_s)
+            except TimeoutError:
+                self.timeouts_total += 1
+                self._retire(worker, f"timed out after {timeout_s} s")
+                return GradeResult(Verdict.TIMEOUT, answer)
+            except (EOFError, OSError) as exc:
+                if self._closed:
+                    _close_quietly(worker.conn)
+                    raise PoolNotRunningError("grading pool closed during grading") from None
+                self._retire(worker, f"died ({type(exc).__name__})")
+                return GradeResult(Verdict.NO_ANSWER, answer, error="grading worker died")
+        finally:
+            self._busy -= 1
+        if self._closed:
+            _close_quietly(worker.conn)
+        else:
+            self._free.put_nowait(worker)
+        if ok:
+            return GradeResult(Verdict.CORRECT if payload else Verdict.INCORRECT, answer)
+        log.warning("grading failed in worker %s: %s", worker.pid, payload)
+        return GradeResult(Verdict.NO_ANSWER, answer, error=f"grading failed: {payload}")
+
+    # ---- workers -----------------------------------------------------------------------------
+
+    async def _spawn(self) -> _Worker:
+        """Start one worker and wait until it has warmed up."""
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=_worker_main, args=(child_conn,), name="puremesh-verify-grader", daemon=True
+        )
+        worker = _Worker(process, parent_conn)
+        try:
+            process.start()
+        except BaseException:
+            parent_conn.close()
+            raise
+        finally:
+            child_conn.close()  # so that the worker's death reads as EOF here
+        try:
+            pid = await _receive(parent_conn, self._start_timeout_s)
+        except BaseException:
+            worker.kill()
+            worker.reap()
+            raise
+        if self._closed:
+            worker.kill()
+            worker.reap()
+            raise PoolNotRunningError("grading pool closed while a worker started")
+        worker.pid = pid
+        self._workers.add(worker)
+        return worker
+
+    def _retire(self, worker: _Worker, reason: str) -> None:
+        """Kill a worker now and replace it in the background."""
+        worker.kill()
+        if self._closed:  # close() reaps it
+            _close_quietly(worker.conn)
+            return
+        self._workers.discard(worker)
+        self.restarts_total += 1
+        log.warning("grading worker %s %s; replacing it", worker.pid, reason)
+        task = asyncio.get_running_loop().create_task(self._replace(worker))
+        self._replacements.add(task)
+        task.add_done_callback(self._replacements.discard)
+
+    async def _replace(self, old: _Worker) -> None:
+        await asyncio.to_thread(old.reap)
+        delay = _RESPAWN_FIRST_DELAY_S
+        while not self._closed:
+            try:
+                worker = await self._spawn()
+            except PoolNotRunningError:
+                return
+            except Exception:
+                log.exception("could not start a grading worker; retrying in %.1f s", delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, _RESPAWN_MAX_DELAY_S)
+                continue
+            self._free.put_nowait(worker)
+            return
