@@ -28,6 +28,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     score.add_argument("--response", required=True, help='the response; steps are separated by "\n\n"')
     score.set_defaults(run=run_score)
 
+    generate = sub.add_parser("generate", help="sample responses to a prompt (RolloutService)")
+    _add_target(generate, 50051)
+    generate.add_argument("--prompt", required=True, help="the prompt text")
+    generate.add_argument("-n", type=int, default=1, help="number of samples (default: %(default)s)")
+    generate.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: %(default)s)")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    generate.set_defaults(run=run_generate)
+
 
 def _run(coroutine):
     from puremesh.services.common.client import RpcError
@@ -72,4 +83,26 @@ def run_score(args: argparse.Namespace) -> int:
     for number, step in enumerate(scored.steps, 1):
         text = step.text.replace("\n", "\\n")
         print(f"{number:>4}  {step.score:>+7.4f}  {text[:80] + ('...' if len(text) > 80 else '')}")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from puremesh.services.rollout.client import RolloutClient, Sampling
+
+    sampling = Sampling(args.n, args.temperature, args.top_p, args.max_new_tokens, args.seed, args.stop)
+
+    async def call():
+        async with RolloutClient(args.target, timeout=args.timeout) as client:
+            return [sample async for sample in client.generate(args.prompt, sampling)]
+
+    samples = sorted(_run(call()), key=lambda s: s.sample_index)
+    if args.json:
+        print(json.dumps({"samples": [vars(s) for s in samples]}))
+        return 0
+    for sample in samples:
+        print(
+            f"--- sample {sample.sample_index}: {len(sample.token_ids)} tokens, "
+            f"finish {sample.finish_reason}, policy version {sample.policy_version}"
+        )
+        print(sample.text)
     return 0

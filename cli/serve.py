@@ -80,7 +80,11 @@ def run(args: argparse.Namespace) -> int:
     log_settings(args.service, settings)
     entry = SERVICES[args.service]
     factory = getattr(importlib.import_module(entry.app_module), entry.factory)
-    return asyncio.run(_serve(args.service, factory(settings), settings.server))
+    try:
+        definition = factory(settings)
+    except ValueError as error:
+        raise CliError(f"{args.service}: {error}") from error
+    return asyncio.run(_serve(args.service, definition, settings.server))
 
 
 async def _serve(name: str, definition, server_settings) -> int:

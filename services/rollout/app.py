@@ -1,0 +1,71 @@
+"""Assembles the rollout service for a ServiceHost: the engine named in settings plus the servicer."""
+
+from __future__ import annotations
+
+import socket
+
+from puremesh.rollout.v1 import rollout_pb2_grpc
+from puremesh.services.common.server import ServiceDefinition
+
+from .engine import Engine
+from .servicer import POLICY_VERSION, SERVICE, RolloutServicer
+from .settings import RolloutSettings
+
+# vLLM's memory reservation when settings leave it open: its own default on a GPU; on the CPU
+# build the same flag reserves a share of RAM, which other processes on a laptop also need.
+GPU_MEMORY_SHARE = 0.9
+CPU_MEMORY_SHARE = 0.3
+
+
+def build_engine(settings: RolloutSettings) -> Engine:
+    """The engine backend named by settings.engine (constructing it does no I/O)."""
+    if not settings.model_path:
+        raise ValueError("model_path is not set (PUREMESH_ROLLOUT__MODEL_PATH or model_path in --config)")
+    limits = dict(
+        model_name=settings.model_name or None, max_n=settings.max_n, max_new_tokens=settings.max_new_tokens
+    )
+    if settings.engine == "vllm":
+        import torch
+
+        from .vllm_engine import VllmEngine
+
+        memory = settings.gpu_memory_utilization
+        if memory is None:
+            memory = GPU_MEMORY_SHARE if torch.cuda.is_available() else CPU_MEMORY_SHARE
+        return VllmEngine(
+            settings.model_path,
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            enforce_eager=settings.enforce_eager,
+            engine_kwargs={"gpu_memory_utilization": memory, **settings.vllm_engine_args},
+            **limits,
+        )
+    from .hf_engine import HfEngine
+
+    return HfEngine(
+        settings.model_path,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        **limits,
+    )
+
+
+def rollout_service(settings: RolloutSettings) -> ServiceDefinition:
+    engine = build_engine(settings)
+    replica_id = settings.replica_id or f"{socket.gethostname()}:{settings.server.port}"
+    servicer = RolloutServicer(settings, engine, replica_id)
+
+    async def start() -> None:
+        await engine.start()
+        POLICY_VERSION.set(engine.policy_version)
+
+    return ServiceDefinition(
+        name=SERVICE,
+        full_name="puremesh.rollout.v1.RolloutService",
+        servicer=servicer,
+        add_to_server=rollout_pb2_grpc.add_RolloutServiceServicer_to_server,
+        start=start,
+        stop=engine.close,
+        always_available=frozenset({"GetStatus"}),
+    )

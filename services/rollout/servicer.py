@@ -1,0 +1,103 @@
+"""RolloutService: protobuf in, streamed samples out. Sampling lives in the engine adapters."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from prometheus_client import Counter, Gauge
+
+from puremesh.rollout.v1 import rollout_pb2, rollout_pb2_grpc
+from puremesh.services.common import metrics
+from puremesh.services.common.errors import InvalidArgument, NotReady, Overloaded, StaleWeights
+
+from .engine import Engine, EngineNotReadyError, FinishedSample, SamplingSpec
+from .settings import RolloutSettings
+
+SERVICE = "rollout"
+FINISH_REASONS = {
+    "stop": rollout_pb2.FINISH_REASON_STOP,
+    "length": rollout_pb2.FINISH_REASON_LENGTH,
+    "abort": rollout_pb2.FINISH_REASON_ABORT,
+}
+GENERATED_TOKENS = Counter("puremesh_rollout_generated_tokens_total", "Response tokens generated")
+SAMPLES = Counter("puremesh_rollout_samples_total", "Finished samples by finish reason", ["finish_reason"])
+POLICY_VERSION = Gauge("puremesh_rollout_policy_version", "Policy version held by this replica")
+
+
+def sampling_spec(params: rollout_pb2.SamplingParams) -> SamplingSpec:
+    return SamplingSpec(
+        n=params.n,
+        temperature=params.temperature,
+        top_p=params.top_p or 1.0,
+        max_new_tokens=params.max_new_tokens,
+        seed=params.seed if params.HasField("seed") else None,
+        stop=list(params.stop),
+    )
+
+
+def sample_message(sample: FinishedSample) -> rollout_pb2.GenerateResponse:
+    return rollout_pb2.GenerateResponse(
+        sample_index=sample.sample_index,
+        token_ids=sample.token_ids,
+        logprobs=sample.logprobs,
+        finish_reason=FINISH_REASONS[sample.finish_reason],
+        policy_version=sample.policy_version,
+        prompt_token_count=sample.prompt_token_count,
+        text=sample.text,
+    )
+
+
+class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
+    def __init__(self, settings: RolloutSettings, engine: Engine, replica_id: str) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.replica_id = replica_id
+
+    def _prompt_ids(self, request: rollout_pb2.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("prompt")
+        if kind is None:
+            raise InvalidArgument("no prompt given (set prompt_text or prompt_token_ids)")
+        if kind == "prompt_text":
+            if len(request.prompt_text) > self.settings.max_prompt_chars:
+                limit = self.settings.max_prompt_chars
+                raise InvalidArgument(f"prompt_text has {len(request.prompt_text)} characters, limit {limit}")
+            return self.engine.tokenize(request.prompt_text)
+        return list(request.prompt_token_ids.ids)
+
+    async def Generate(
+        self, request: rollout_pb2.GenerateRequest, context
+    ) -> AsyncIterator[rollout_pb2.GenerateResponse]:
+        if not self.engine.ready:
+            raise NotReady("the rollout engine is not ready")
+        if request.min_policy_version > self.engine.policy_version:
+            raise StaleWeights(
+                f"replica holds policy version {self.engine.policy_version}, "
+                f"the caller needs >= {request.min_policy_version}"
+            )
+        if self.engine.requests_in_flight >= self.settings.max_in_flight:
+            raise Overloaded(f"{self.engine.requests_in_flight} generations in flight on this replica")
+        prompt = self._prompt_ids(request)
+        spec = sampling_spec(request.sampling)
+        metrics.BATCH_SIZE.labels(SERVICE).observe(spec.n)
+        try:
+            async for sample in self.engine.generate(prompt, spec):
+                GENERATED_TOKENS.inc(len(sample.token_ids))
+                SAMPLES.labels(sample.finish_reason).inc()
+                yield sample_message(sample)
+        except ValueError as error:  # the engine validates before it yields anything
+            raise InvalidArgument(str(error)) from error
+        except EngineNotReadyError as error:
+            raise NotReady(str(error)) from error
+
+    async def GetStatus(
+        self, request: rollout_pb2.GetStatusRequest, context
+    ) -> rollout_pb2.GetStatusResponse:
+        POLICY_VERSION.set(self.engine.policy_version)
+        return rollout_pb2.GetStatusResponse(
+            policy_version=self.engine.policy_version,
+            model=self.engine.model_name,
+            engine=self.engine.name,
+            ready=self.engine.ready,
+            requests_in_flight=self.engine.requests_in_flight,
+            replica_id=self.replica_id,
+        )

