@@ -104,21 +104,26 @@ def normalize_advantages(
     var = sum over all valid tokens of (A - mu)^2 / N; A_hat = (A - mu) / sqrt(max(var, eps)),
     and 0 on Z and on padding. If N = 0 the result is all zeros.
     """
-    return _normalize_zero_padded(torch.where(token_mask, advantages, 0.0), token_mask, eps)
+    masked = torch.where(token_mask, advantages, 0.0)
+    return _normalize_zero_padded(masked, int(token_mask.sum()), eps)
 
 
-def _normalize_zero_padded(a: torch.Tensor, token_mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """normalize_advantages for advantages already 0 on padding (saves a pass over [B, L])."""
-    nonzero = a != 0
-    count = int(torch.count_nonzero(nonzero))
+def _normalize_zero_padded(a: torch.Tensor, valid_tokens: int, eps: float = 1e-8) -> torch.Tensor:
+    """normalize_advantages for advantages already 0 on padding, given the number of valid tokens.
+
+    Written with float arithmetic and in-place updates: on CPU, boolean masks over [B, L] cost
+    more than the arithmetic itself.
+    """
+    nonzero = a.sign().abs_()  # 1.0 where A != 0, else 0.0
+    count = int(nonzero.sum())
     if count == 0:
         return torch.zeros_like(a)
     mean = float(a.sum()) / count
-    # Centre, then zero the padding again so that it adds nothing to the sum of squares
-    # (subtracting its contribution afterwards would cancel badly when |mean| >> std).
-    centered = torch.where(token_mask, a - mean, 0.0)
-    var = float(centered.square().sum()) / count
-    return torch.where(nonzero, centered.mul_(1.0 / max(var, eps) ** 0.5), 0.0)
+    centered = nonzero.mul_(-mean).add_(a)  # A - mean on non-zero tokens, 0 elsewhere
+    # The zeros of Z sit at distance |mean| from it: both parts are positive, nothing cancels.
+    flat = centered.view(-1)
+    squares = float(torch.dot(flat, flat)) + (valid_tokens - count) * mean * mean
+    return centered.mul_(1.0 / max(squares / count, eps) ** 0.5)
 
 
 @dataclass(frozen=True)
@@ -217,11 +222,16 @@ def pure_advantages(
         step_rewards[layout.end_rows, layout.end_steps],
         accumulate=True,
     )
-    # Right padding holds no reward, so the reverse cumulative sum is already 0 there.
-    returns = token_rewards.flip(-1).cumsum(-1).flip(-1)
-    # Step ends (EOS included) and padding get advantage 0; ends are a subset of valid tokens.
-    advantages = torch.where(token_mask ^ layout.step_end_mask, returns, 0.0)
-    normalized = _normalize_zero_padded(advantages, token_mask) if normalize else advantages
+    # Reverse cumulative sum as total - prefix + own (cheaper than flipping twice). Right
+    # padding holds no reward, so returns are already 0 there.
+    returns = token_rewards.cumsum(-1)
+    totals = returns[:, -1:].clone()
+    returns.neg_().add_(totals).add_(token_rewards)
+    # Step ends (EOS included) get advantage 0; padding already holds 0.
+    advantages = returns.clone()
+    advantages[layout.end_rows, layout.end_cols] = 0.0
+    valid_tokens = int(layout.response_lengths.sum())
+    normalized = _normalize_zero_padded(advantages, valid_tokens) if normalize else advantages
     return PureAdvantages(
         layout=layout,
         scores=scores,

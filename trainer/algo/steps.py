@@ -128,16 +128,19 @@ def step_layout(step_end_mask: torch.Tensor, token_mask: torch.Tensor) -> StepLa
         )
     batch, width = token_mask.shape
     device = token_mask.device
-    lengths = torch.count_nonzero(token_mask, dim=-1)
-    if not torch.equal(token_mask, torch.arange(width, device=device) < lengths.unsqueeze(-1)):
+    # Right-padded means no valid token ever follows a padding token.
+    if bool((token_mask[:, 1:] > token_mask[:, :-1]).any()):
         raise ValueError("token_mask must be right-padded: each response's valid tokens come first")
     ends = step_end_mask & token_mask
-    rows = torch.arange(batch, device=device)
-    non_empty = lengths > 0
-    if not bool(ends[rows[non_empty], lengths[non_empty] - 1].all()):
-        raise ValueError("the last valid token of a response must end a step")
     end_rows, end_cols = ends.nonzero(as_tuple=True)
     num_steps = torch.bincount(end_rows, minlength=batch)
+    # With right padding, a response's length is one past its last step end, provided the
+    # token there is padding (checked below): no pass over [B, L] is needed to count tokens.
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    lengths.scatter_reduce_(0, end_rows, end_cols + 1, reduce="amax")
+    rows = torch.arange(batch, device=device)
+    if width and bool((token_mask[rows, lengths.clamp(max=width - 1)] & (lengths < width)).any()):
+        raise ValueError("the last valid token of a response must end a step")
     first_end = num_steps.cumsum(0) - num_steps
     end_steps = torch.arange(end_rows.numel(), device=device) - first_end[end_rows]
     previous_end = torch.cat([end_cols.new_full((1,), -1), end_cols[:-1]])
