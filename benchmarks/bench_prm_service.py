@@ -2,7 +2,8 @@
 
 Three measurements over the same items (one prompt and one multi-step response each):
   direct     PrmScorer.score_responses in-process, batched by the same token budget;
-  service    `puremesh serve prm` in a subprocess, N concurrent clients, one item per call;
+  service    `puremesh serve prm` in a subprocess, N concurrent clients, each call one prompt
+             group (--per-call items, 4 by default; 1 measures the per-call overhead alone);
   unbatched  the same service with batching off.
 Targets (issue 3): service >= 0.8x direct, service >= 3x unbatched.
 
@@ -23,22 +24,21 @@ from _common import Served, build_models, ratio_line
 from puremesh.cli import tinyworld
 
 
-async def drive(target: str, items: list[tuple[list[int], list[int]]], clients: int) -> float:
-    """Items per second through the service, `clients` calls in flight at all times."""
+async def drive(target: str, items: list[tuple[list[int], list[int]]], clients: int, per_call: int) -> float:
+    """Items per second through the service, `clients` calls of `per_call` items in flight."""
     from puremesh.services.prm.client import PrmClient
 
     queue: asyncio.Queue = asyncio.Queue()
-    for item in items:
-        queue.put_nowait(item)
+    for start in range(0, len(items), per_call):
+        queue.put_nowait(items[start : start + per_call])
 
     async with PrmClient(target, timeout=300) as client:
         await client.score(items[:4])  # connect and warm up
 
         async def worker() -> None:
             while not queue.empty():
-                item = queue.get_nowait()
-                [result] = await client.score([item])
-                assert result.error is None, result.error
+                results = await client.score(queue.get_nowait())
+                assert all(result.error is None for result in results)
 
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
@@ -48,7 +48,10 @@ async def drive(target: str, items: list[tuple[list[int], list[int]]], clients: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--items", type=int, default=512)
+    parser.add_argument("--items", type=int, default=1024)
+    parser.add_argument(
+        "--per-call", type=int, default=4, help="items per ScoreSteps call (the learner sends one group)"
+    )
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
@@ -76,9 +79,10 @@ def main() -> None:
 
         scorer.score_responses(items[:8])
         began = time.perf_counter()
-        # The same batches the service can form at best: one item per client in flight.
-        for start in range(0, len(items), args.clients):
-            scorer.score_responses(items[start : start + args.clients])
+        # The same batches the service can form at best: every client's items in one pass.
+        batch = args.clients * args.per_call
+        for start in range(0, len(items), batch):
+            scorer.score_responses(items[start : start + batch])
         direct = len(items) / (time.perf_counter() - began)
         del scorer
 
@@ -87,9 +91,9 @@ def main() -> None:
             "PUREMESH_PRM__MAX_BATCH_TOKENS": str(args.max_batch_tokens),
         }
         with Served("prm", env) as server:
-            batched = asyncio.run(drive(server.target, items, args.clients))
+            batched = asyncio.run(drive(server.target, items, args.clients, args.per_call))
         with Served("prm", {**env, "PUREMESH_PRM__BATCHING": "false"}) as server:
-            unbatched = asyncio.run(drive(server.target, items, args.clients))
+            unbatched = asyncio.run(drive(server.target, items, args.clients, args.per_call))
 
     print(f"direct batched model calls : {direct:8.1f} items/s")
     print(f"service, batching on       : {batched:8.1f} items/s")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from puremesh.common.v1 import common_pb2
 from puremesh.services.common import metrics
@@ -26,6 +26,7 @@ VERDICTS = Counter(
     "Graded items by verdict ('error' for items that could not be graded)",
     ["verdict"],
 )
+BUSY_WORKERS = Gauge("puremesh_verify_busy_workers", "Grading processes working on an item")
 
 
 def _item_error(code: int, message: str) -> verify_pb2.VerifyResult:
@@ -59,7 +60,12 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             else:
                 truth = item.ground_truth if item.HasField("ground_truth") else None
                 work.append((index, (item.response, truth)))
+        # Sampled around each call: the pool's waiting items and busy workers.
+        metrics.QUEUE_DEPTH.labels(SERVICE).set(self.pool.queue_depth + len(work))
+        BUSY_WORKERS.set(self.pool.busy)
         graded = await self.pool.grade_many([w for _, w in work], self.settings.item_timeout_seconds)
+        metrics.QUEUE_DEPTH.labels(SERVICE).set(self.pool.queue_depth)
+        BUSY_WORKERS.set(self.pool.busy)
         for (index, _), outcome in zip(work, graded, strict=True):
             if outcome.error is not None:
                 results[index] = _item_error(common_pb2.ERROR_CODE_INTERNAL, outcome.error)
