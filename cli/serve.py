@@ -69,6 +69,9 @@ def load_service_settings(service: str, config: str | None, server_overrides: di
 
 
 def run(args: argparse.Namespace) -> int:
+    from .mesh import die_with_parent
+
+    die_with_parent()
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -80,17 +83,18 @@ def run(args: argparse.Namespace) -> int:
     log_settings(args.service, settings)
     entry = SERVICES[args.service]
     factory = getattr(importlib.import_module(entry.app_module), entry.factory)
+    return asyncio.run(_serve(args.service, factory, settings))
+
+
+async def _serve(name: str, factory, settings) -> int:
+    from puremesh.services.common.server import ServiceHost
+
+    # Built inside the running loop: services may open gRPC channels (the rollout weight feed).
     try:
         definition = factory(settings)
     except ValueError as error:
-        raise CliError(f"{args.service}: {error}") from error
-    return asyncio.run(_serve(args.service, definition, settings.server))
-
-
-async def _serve(name: str, definition, server_settings) -> int:
-    from puremesh.services.common.server import ServiceHost
-
-    host = ServiceHost([definition], server_settings)
+        raise CliError(f"{name}: {error}") from error
+    host = ServiceHost([definition], settings.server)
     try:
         await host.start(wait_ready=False)
     except OSError as error:

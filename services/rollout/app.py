@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 
 from puremesh.rollout.v1 import rollout_pb2_grpc
@@ -10,6 +11,9 @@ from puremesh.services.common.server import ServiceDefinition
 from .engine import Engine
 from .servicer import POLICY_VERSION, SERVICE, RolloutServicer
 from .settings import RolloutSettings
+from .weight_sync import WeightSubscriber
+
+log = logging.getLogger(__name__)
 
 # vLLM's memory reservation when settings leave it open: its own default on a GPU; on the CPU
 # build the same flag reserves a share of RAM, which other processes on a laptop also need.
@@ -55,10 +59,28 @@ def rollout_service(settings: RolloutSettings) -> ServiceDefinition:
     engine = build_engine(settings)
     replica_id = settings.replica_id or f"{socket.gethostname()}:{settings.server.port}"
     servicer = RolloutServicer(settings, engine, replica_id)
+    subscriber = None
+    if settings.weights_target:
+        subscriber = WeightSubscriber(
+            engine, settings.weights_target, replica_id, on_version=POLICY_VERSION.set
+        )
 
     async def start() -> None:
         await engine.start()
+        if subscriber is not None:
+            # A replica that joins late or restarts pulls the current version before it is ready.
+            try:
+                version = await subscriber.sync_once(settings.weights_sync_timeout_seconds)
+                log.info("policy version %d pulled from %s", version, subscriber.target)
+            except TimeoutError as error:
+                log.warning("%s; starting with policy version %d", error, engine.policy_version)
+            subscriber.start()
         POLICY_VERSION.set(engine.policy_version)
+
+    async def stop() -> None:
+        if subscriber is not None:
+            await subscriber.stop()
+        await engine.close()
 
     return ServiceDefinition(
         name=SERVICE,
@@ -66,6 +88,6 @@ def rollout_service(settings: RolloutSettings) -> ServiceDefinition:
         servicer=servicer,
         add_to_server=rollout_pb2_grpc.add_RolloutServiceServicer_to_server,
         start=start,
-        stop=engine.close,
+        stop=stop,
         always_available=frozenset({"GetStatus"}),
     )

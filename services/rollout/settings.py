@@ -36,3 +36,14 @@ class RolloutSettings(FrozenSettings):
     vllm_engine_args: dict[str, Any] = Field(
         default_factory=dict, description="further vllm.EngineArgs fields, e.g. gpu_memory_utilization"
     )
+    weights_target: str = Field(
+        "",
+        description="the learner's WeightService, host:port: the replica pulls its current version before "
+        "reporting ready, then swaps in every new one; empty = keep the weights from disk",
+    )
+    weights_sync_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="at start: how long to retry reaching the learner and pulling its current version; "
+        "after that the replica reports ready with the weights it has and keeps following the learner",
+    )

@@ -145,7 +145,7 @@ def test_missing_file_and_bad_flags(tmp_path, capsys):
     assert "--temperature" in capsys.readouterr().err
 
 
-def test_console_script_and_demo():
+def test_console_script():
     result = subprocess.run(
         [sys.executable, "-m", "puremesh.cli.main", "credit", "--example", "--format", "json"],
         capture_output=True,
@@ -153,5 +153,3 @@ def test_console_script_and_demo():
         check=True,
     )
     assert json.loads(result.stdout)["responses"][0]["outcome_reward"] == pytest.approx(0.202118, abs=1e-6)
-    demo = subprocess.run([sys.executable, "-m", "puremesh.cli.main", "demo"], capture_output=True, text=True)
-    assert demo.returncode == 0 and "min-form advantages" in demo.stdout

@@ -1,0 +1,64 @@
+"""What the learner needs from the mesh, as plain-Python protocols.
+
+trainer/ never imports services/ (ARCHITECTURE.md rule 2): the composition root (cli/mesh.py)
+adapts the services' gRPC clients to these protocols, including fail-over between endpoints.
+Tests may plug in doubles to isolate the learner; the integration tests use the real mesh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One finished response: tokens (EOS included when generated), sampled-token logprobs, the
+    decoded text and the policy version that produced it."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    policy_version: int
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class StepScores:
+    """PRM result for one response: half-open token spans of its steps and one score per step."""
+
+    spans: list[tuple[int, int]]
+    scores: list[float]
+
+
+class BackendError(Exception):
+    """A call failed on every endpoint it was tried on (after bounded retries)."""
+
+
+class RolloutBackend(Protocol):
+    async def generate(
+        self, prompt_ids: list[int], sampling: SamplingRequest, min_policy_version: int
+    ) -> list[Sample]:
+        """All n samples of one prompt, from one policy version >= min_policy_version."""
+        ...
+
+
+class StepScorer(Protocol):
+    async def score(self, prompt_ids: list[int], responses: list[list[int]]) -> list[StepScores]:
+        """Per-step PRM scores of each response (token ids in the policy's vocabulary)."""
+        ...
+
+
+class AnswerVerifier(Protocol):
+    async def verify(self, responses: list[str], ground_truth: str | None) -> list[str]:
+        """One verdict per response: correct, incorrect, no_answer, no_ground_truth or timeout."""
+        ...

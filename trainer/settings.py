@@ -1,0 +1,98 @@
+"""Learner settings: frozen pydantic models (ARCHITECTURE.md rule 5). Defaults follow S1 of
+pure-algorithm.md, scaled to what the tiny CPU world can do where noted."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ENV_PREFIX = "PUREMESH_LEARNER__"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AlgoSettings(_Frozen):
+    """Credit assignment and the PPO objective (pure-algorithm.md sections 3-5)."""
+
+    credit: Literal["min", "sum", "mean", "strict-min"] = "min"
+    temperature: float = Field(0.1, gt=0, description="softmin temperature T of min-form credit")
+    reward_mode: Literal["prm", "vr", "prm+vr"] = "prm+vr"
+    baseline: Literal["token", "step"] = "token"
+    kl_coef: float = Field(0.001, ge=0, description="beta: KL penalty in the token rewards")
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    vr_coef: float = Field(1.0, ge=0, description="verifiable-reward coefficient")
+    normalize: bool = Field(True, description="batch normalisation of advantages")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip")
+
+
+class OptimSettings(_Frozen):
+    lr: float = Field(5e-7, gt=0, description="Adam learning rate (constant)")
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
+    epochs: int = Field(1, ge=1, description="passes over each rollout batch")
+    minibatches: int = Field(2, ge=1, description="optimizer steps per pass (S1: 2 per rollout batch)")
+
+
+class SamplingSettings(_Frozen):
+    prompts_per_step: int = Field(64, ge=1, description="prompt groups per training step")
+    samples_per_prompt: int = Field(4, ge=2, description="responses per prompt (n >= 2 for RLOO)")
+    temperature: float = Field(0.5, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(2048, ge=1)
+    groups_in_flight: int = Field(0, ge=0, description="groups generating at once; 0 = prompts_per_step")
+    max_staleness: int = Field(0, ge=0, description="oldest usable sample, in policy versions; 0 = on-policy")
+
+
+class EndpointSettings(_Frozen):
+    """Where the services are (host:port lists; several rollout replicas allowed)."""
+
+    rollout: list[str] = Field(default_factory=list)
+    prm: list[str] = Field(default_factory=list)
+    verify: list[str] = Field(default_factory=list)
+    call_timeout_seconds: float = Field(600.0, gt=0, description="deadline of each service call")
+
+
+class WeightServerSettings(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535, description="WeightService port; 0 picks a free one")
+    retain_versions: int = Field(2, ge=1)
+    chunk_bytes: int = Field(4 << 20, ge=1024)
+
+
+class EvalSettings(_Frozen):
+    heldout_path: str = Field("", description="held-out problems (JSONL or parquet); empty = no eval")
+    n_eval: int = Field(500, ge=1)
+    every_steps: int = Field(0, ge=0, description="evaluate every N steps; 0 = only before and after")
+    max_new_tokens: int = Field(256, ge=1)
+
+
+class LearnerSettings(_Frozen):
+    policy_path: str = Field(..., description="local directory of the starting policy (and reference)")
+    train_path: str = Field(..., description="training problems (JSONL or parquet, PURE layout)")
+    out_dir: str = Field("runs/latest", description="checkpoints, metrics.jsonl")
+    steps: int = Field(100, ge=1)
+    seed: int = 0
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus port; None = off")
+    algo: AlgoSettings = AlgoSettings()
+    optim: OptimSettings = OptimSettings()
+    sampling: SamplingSettings = SamplingSettings()
+    endpoints: EndpointSettings = EndpointSettings()
+    weights: WeightServerSettings = WeightServerSettings()
+    eval: EvalSettings = EvalSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> LearnerSettings:
+        per_step = self.sampling.prompts_per_step * self.sampling.samples_per_prompt
+        if self.optim.minibatches > per_step:
+            raise ValueError(
+                f"optim.minibatches ({self.optim.minibatches}) exceeds the {per_step} responses per step"
+            )
+        return self
