@@ -11,6 +11,7 @@ record          metrics, JSONL log, progress bar, checkpoint every N steps.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 import time
@@ -81,7 +82,7 @@ async def train(
     *,
     resume: bool = False,
     progress: bool = True,
-    on_step: Callable[[dict], None] | None = None,
+    on_step: Callable[[dict], object] | None = None,
 ) -> RunResult:
     began = time.perf_counter()
     torch.manual_seed(settings.seed)
@@ -228,6 +229,7 @@ async def train(
             record = {
                 "step": step,
                 "version": version,
+                "data_position": list(stream.position),
                 **stats,
                 **{f"{k}_seconds": v for k, v in phases.items()},
             }
@@ -235,7 +237,9 @@ async def train(
             journal.write(record)
             result.history.append(record)
             if on_step:
-                on_step(record)
+                outcome = on_step(record)
+                if inspect.isawaitable(outcome):
+                    await outcome
             bar.update(1)
             bar.set_postfix(
                 reward=f"{stats['outcome_reward']:+.3f}",
