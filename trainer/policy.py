@@ -84,7 +84,7 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> S
     return SequenceBatch(input_ids, attention_mask, response_ids, response_mask, positions)
 
 
-def response_logprobs(model, batch: SequenceBatch, chunk_rows: int = 16) -> torch.Tensor:
+def response_logprobs(model, batch: SequenceBatch, chunk_rows: int = 64) -> torch.Tensor:
     """log pi(response token | prefix) for every response token: [B, L] (0 on padding).
 
     Runs in row chunks to bound the [rows, T, vocab] logits; keeps the graph when grad is on.

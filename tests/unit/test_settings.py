@@ -42,3 +42,13 @@ def test_errors_name_the_setting(tmp_path, yaml_text, env, message):
 def test_missing_file():
     with pytest.raises(SettingsError, match="cannot read"):
         load_settings(ServerSettings, "/nonexistent/settings.yaml")
+
+
+def test_shipped_run_config_is_valid():
+    from pathlib import Path
+
+    from puremesh.cli.train import RunSettings
+
+    root = Path(__file__).resolve().parents[2]
+    settings = load_settings(RunSettings, root / "configs" / "local.yaml")
+    assert settings.learner.algo.credit == "min" and settings.mesh.rollout_replicas == 2
