@@ -162,6 +162,7 @@ class ProblemStream:
         self._epoch = int(epoch)
         self._index = int(index)
         self._order = self._order_of(self._epoch)
+        self._roll_over()
 
     def _order_of(self, epoch: int) -> list[int]:
         order = list(range(len(self.problems)))
@@ -179,13 +180,17 @@ class ProblemStream:
             raise ValueError(f"k must be >= 0, got {k}")
         batch: list[Problem] = []
         while len(batch) < k:
-            if self._index == len(self.problems):
-                self._epoch += 1
-                self._index = 0
-                self._order = self._order_of(self._epoch)
             batch.append(self.problems[self._order[self._index]])
             self._index += 1
+            self._roll_over()
         return batch
+
+    def _roll_over(self) -> None:
+        # The position is kept canonical: a finished epoch is (epoch + 1, 0), never (epoch, size).
+        if self._index == len(self.problems):
+            self._epoch += 1
+            self._index = 0
+            self._order = self._order_of(self._epoch)
 
     def state(self) -> dict[str, int]:
         """A JSON-able position: {"seed", "epoch", "index", "size"}."""
