@@ -16,6 +16,13 @@ No merged token contains a newline. Pre-tokenisation is Qwen2's (digits are sing
 The policy (`Qwen2ForCausalLM`) and the PRM (`Qwen2ForTokenClassification`, 2 labels) share one
 size: hidden 128, 2 layers, 4 query heads and 2 key/value heads of head_dim 32 (vLLM's CPU
 attention needs head_dim 32 or more, and vLLM's Qwen2 takes head_dim = hidden / heads).
+
+The tiny WORLD the demo trains in (`bootstrap`, `puremesh bootstrap`): a synthetic multi-step
+arithmetic task (`build_task`; the design is described above `task_problem`), the tiny policy
+fine-tuned on a mix of correct and systematically flawed solutions (right only part of the time
+under greedy decoding), and a PRM trained on first-error step labels from the policy's body, in
+the PRM service's own input layout. Built once per cache directory (a few minutes on 2 cores),
+then reused from its manifest.
 """
 
 from __future__ import annotations
@@ -762,7 +769,14 @@ CACHE_ENV = "PUREMESH_CACHE"
 @dataclass(frozen=True)
 class BootstrapConfig:
     """Everything a bootstrap depends on; stored in the manifest, and a cache is reused only when
-    its stored config equals the requested one."""
+    its stored config equals the requested one.
+
+    Caveat, measured: the tiny policy learns the arithmetic in a sudden transition (the SFT loss
+    sits near 0.3-0.4, then drops below 0.1 within ~200 steps). With the default seed it happens
+    around step 650 of 1000; with other seeds or data orders it can come later than the budget,
+    and then the policy is right on only ~5-10% of problems. Check `greedy_accuracy` in the
+    manifest when changing anything here.
+    """
 
     seed: int = 0
     n_train: int = 20000
@@ -792,6 +806,8 @@ class BootstrapConfig:
 # arithmetic is not.
 QUICK = BootstrapConfig(
     n_train=1000,
+    sft_batch_size=32,
+    sft_lr=3e-3,
     n_heldout=1000,
     sft_steps=200,
     drill_share=0.0,
@@ -916,6 +932,18 @@ def bootstrap(
             log(f"bootstrap: reusing the tiny world in {root} ({world.summary()})")
             return world
     log(f"bootstrap: building the tiny world in {root}")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one progress line per phase, not per saved shard
+    try:
+        return _build(root, config, log)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _build(root: Path, config: BootstrapConfig, log: Callable[[str], None]) -> TinyWorld:
     root.mkdir(parents=True, exist_ok=True)
     (root / MANIFEST).unlink(missing_ok=True)
     for sub in ("tokenizer", "policy", "prm", "data"):
@@ -955,7 +983,9 @@ def bootstrap(
         num_key_value_heads=max(1, heads // 2),
         num_hidden_layers=config.policy_layers,
     )
-    drill_rng = random.Random(f"drill:{config.seed}")
+    # The arithmetic is learnt in a sudden transition whose timing depends on the data order;
+    # with this rng the default config passes it well inside the budget (see BootstrapConfig).
+    drill_rng = random.Random(config.seed + 1)
     if config.drill_steps > 0:
         drills = drill_rows(
             tokenizer, drill_rng, config.drill_steps * config.sft_batch_size, config.drill_facts
