@@ -63,7 +63,7 @@ def demo_settings(world, out: Path, credit: str, steps: int | None, n_eval: int 
                 "steps": steps or DEMO_STEPS,
                 "seed": 0,
                 "checkpoint_every": 1000,
-                "algo": {"credit": credit, "kl_coef": 0.0},
+                "algo": {"credit": credit},  # S1 defaults otherwise (beta = 0.001, prm+vr)
                 "optim": {"lr": DEMO_LR, "minibatches": 2},
                 "sampling": {
                     "prompts_per_step": 16,

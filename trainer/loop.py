@@ -5,7 +5,7 @@ score, verify   (inside the collector, concurrently per group),
 assign credit   min-form PURE credit, RLOO baseline, normalisation,
 update          PPO over minibatches,
 publish         the new weights as version v+1, pulled by every replica,
-record          metrics, JSONL log, progress bar, checkpoint every N steps.
+record          metrics, JSONL log, progress bar, held-out eval and checkpoint when due.
 """
 
 from __future__ import annotations
@@ -15,16 +15,17 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from . import checkpoint, metrics
 from .backends import AnswerVerifier, RolloutBackend, SamplingRequest, StepScorer
-from .collector import Collector, ScoredGroup
+from .collector import Collector, CollectStats, ScoredGroup
 from .data import Problem, ProblemStream, format_prompt, load_problems
 from .policy import load_policy, named_weights
 from .settings import LearnerSettings
@@ -60,6 +61,245 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
 
 
+@dataclass
+class Learner:
+    """What the loop carries from step to step."""
+
+    settings: LearnerSettings
+    model: Any
+    tokenizer: Any
+    reference: Any  # None when kl_coef == 0
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    stream: ProblemStream
+    journal: metrics.JsonlLog
+    heldout: list[Problem]
+    step: int = 0
+    version: int = 0
+    resumed: bool = False
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+
+async def train(
+    settings: LearnerSettings,
+    mesh: Mesh,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[dict], object] | None = None,
+) -> RunResult:
+    began = time.perf_counter()
+    learner = await start(settings, mesh, resume)
+    result = RunResult(
+        steps=learner.step,
+        version=learner.version,
+        seconds=0.0,
+        n_eval=len(learner.heldout),
+        history=learner.journal.read(),
+    )
+    if learner.heldout and not learner.resumed:
+        result.accuracy_before, result.stderr_before = await evaluate_heldout(learner, mesh, result, "before")
+
+    collector = make_collector(learner, mesh)
+    bar = tqdm(
+        total=settings.steps, initial=learner.step, disable=not progress, unit="step", dynamic_ncols=True
+    )
+    try:
+        while learner.step < settings.steps:
+            phases: dict[str, float] = {}
+            groups, collected = await timed(
+                phases, "collect", collector.collect(settings.sampling.prompts_per_step, learner.version)
+            )
+            phases.update(_group_phase_means(groups))
+            stats = await timed(phases, "update", update(learner, groups))
+            await timed(phases, "publish", publish(learner, mesh))
+            learner.step += 1
+            stats.update(batch_stats(learner, mesh, groups, collected))
+            if eval_due(learner):
+                accuracy, stderr = await evaluate(
+                    mesh, learner.heldout, learner.encode, settings.eval.max_new_tokens, learner.version
+                )
+                stats.update(
+                    heldout_accuracy=accuracy, heldout_stderr=stderr, heldout_accuracy_ratio=accuracy
+                )
+            if checkpoint_due(learner):
+                await timed(phases, "checkpoint", save_checkpoint(learner))
+            record = record_step(learner, stats, phases)
+            result.history.append(record)
+            if on_step and inspect.isawaitable(outcome := on_step(record)):
+                await outcome
+            bar.update(1)
+            bar.set_postfix(
+                reward=f"{stats['outcome_reward']:+.3f}",
+                solved=f"{stats['solved_ratio']:.2f}",
+                kl=f"{stats['kl']:.4f}",
+            )
+    finally:
+        bar.close()
+        await collector.close()
+
+    if learner.heldout:
+        result.accuracy_after, result.stderr_after = await evaluate_heldout(learner, mesh, result, "after")
+    result.steps, result.version, result.seconds = learner.step, learner.version, time.perf_counter() - began
+    return result
+
+
+# --- phases ---------------------------------------------------------------------------------
+
+
+async def start(settings: LearnerSettings, mesh: Mesh, resume: bool) -> Learner:
+    """Load the policy (from the last checkpoint when resuming) and everything around it."""
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    out = Path(settings.out_dir)
+    found = checkpoint.latest(out) if resume else None
+    model, tokenizer = load_policy(
+        found / checkpoint.POLICY_DIR if found else settings.policy_path, settings.device, settings.dtype
+    )
+    reference = None
+    if settings.algo.kl_coef > 0:
+        reference, _ = load_policy(settings.policy_path, settings.device, settings.dtype, trainable=False)
+    optimizer = torch.optim.Adam(
+        model.parameters(),
+        lr=settings.optim.lr,
+        betas=settings.optim.betas,
+        weight_decay=settings.optim.weight_decay,
+    )
+    problems = load_problems(settings.train_path)
+    heldout = (
+        load_problems(settings.eval.heldout_path)[: settings.eval.n_eval]
+        if settings.eval.heldout_path
+        else []
+    )
+    learner = Learner(
+        settings, model, tokenizer, reference, optimizer, generator,
+        ProblemStream(problems, seed=settings.seed), metrics.JsonlLog(out / "metrics.jsonl"), heldout,
+    )  # fmt: skip
+    if found:
+        state = checkpoint.load_state(found)
+        optimizer.load_state_dict(state.optimizer)
+        checkpoint.restore_rng(state.rng, generator)
+        learner.stream = ProblemStream.from_state(problems, state.data_position)
+        learner.step, learner.resumed = state.step, True
+        # Replicas may hold versions the lost learner published after this checkpoint: publish the
+        # checkpoint's weights under a version newer than anything they report.
+        seen = await _replicas_at(mesh, 0, all_expected=True)
+        learner.version = max([state.version, *(replica.version for replica in seen.values())]) + 1
+        mesh.publisher.publish(learner.version, named_weights(model))
+        await _replicas_at(mesh, learner.version)
+        log.info("resumed from %s at step %d as version %d", found, learner.step, learner.version)
+    return learner
+
+
+def make_collector(learner: Learner, mesh: Mesh) -> Collector:
+    sampling = learner.settings.sampling
+    return Collector(
+        mesh.rollout,
+        mesh.scorer,
+        mesh.verifier,
+        learner.stream,
+        learner.encode,
+        SamplingRequest(
+            sampling.samples_per_prompt, sampling.temperature, sampling.top_p, sampling.max_new_tokens
+        ),
+        groups_in_flight=sampling.groups_in_flight or sampling.prompts_per_step,
+        max_staleness=sampling.max_staleness,
+    )
+
+
+async def update(learner: Learner, groups: list[ScoredGroup]) -> dict[str, float]:
+    """Assign credit and run PPO (off the event loop, so the collector keeps streaming)."""
+    experience = build_experience(groups, learner.tokenizer.pad_token_id or 0, learner.version)
+    settings = learner.settings
+    return await asyncio.to_thread(
+        ppo_update,
+        learner.model,
+        learner.reference or learner.model,
+        learner.optimizer,
+        experience,
+        settings.algo,
+        settings.optim,
+        learner.generator,
+    )
+
+
+async def publish(learner: Learner, mesh: Mesh) -> None:
+    """Publish version v+1; on-policy training waits until the replicas hold it."""
+    learner.version += 1
+    published = await asyncio.to_thread(mesh.publisher.publish, learner.version, named_weights(learner.model))
+    metrics.PUBLISH_BYTES.set(published.total_bytes)
+    if learner.settings.sampling.max_staleness == 0:  # the next step samples from this version only
+        await _replicas_at(mesh, learner.version)
+
+
+def batch_stats(learner: Learner, mesh: Mesh, groups: list[ScoredGroup], collected: CollectStats) -> dict:
+    """Statistics of the step's batch beyond the update's own, and the replicas' version lag."""
+    samples = learner.settings.sampling.samples_per_prompt
+    metrics.DROPPED_SAMPLES.labels("stale").inc(collected.dropped_stale * samples)
+    metrics.DROPPED_SAMPLES.labels("failed").inc(collected.failed_groups * samples)
+    for replica, held in mesh.publisher.replicas.items():
+        metrics.REPLICA_LAG.labels(replica).set(learner.version - held.version)
+    return {
+        "pass_at_n_ratio": _pass_at_n(groups),
+        "dropped_stale": collected.dropped_stale,
+        "failed_groups": collected.failed_groups,
+    }
+
+
+def eval_due(learner: Learner) -> bool:
+    every = learner.settings.eval.every_steps
+    return bool(
+        every and learner.heldout and learner.step % every == 0 and learner.step < learner.settings.steps
+    )
+
+
+def checkpoint_due(learner: Learner) -> bool:
+    return learner.step % learner.settings.checkpoint_every == 0 or learner.step == learner.settings.steps
+
+
+async def save_checkpoint(learner: Learner) -> None:
+    state = checkpoint.TrainingState(learner.step, learner.version, learner.stream.state())
+    await asyncio.to_thread(
+        checkpoint.save,
+        Path(learner.settings.out_dir),
+        learner.model,
+        learner.tokenizer,
+        learner.optimizer,
+        state,
+        learner.generator,
+        learner.settings.keep_checkpoints,
+    )
+
+
+def record_step(learner: Learner, stats: dict, phases: dict[str, float]) -> dict:
+    """The step's line in Prometheus and the JSONL log."""
+    record = {
+        "step": learner.step,
+        "version": learner.version,
+        "data_position": list(learner.stream.position),
+        **stats,
+        **{f"{k}_seconds": v for k, v in phases.items()},
+    }
+    metrics.export(learner.step, learner.version, stats, phases)
+    learner.journal.write(record)
+    return record
+
+
+async def evaluate_heldout(learner: Learner, mesh: Mesh, result: RunResult, when: str) -> tuple[float, float]:
+    """The held-out evaluation before or after training, recorded in the log and the run's history."""
+    accuracy, stderr = await evaluate(
+        mesh, learner.heldout, learner.encode, learner.settings.eval.max_new_tokens, learner.version
+    )
+    metrics.STAT_GAUGES["heldout_accuracy_ratio"].set(accuracy)
+    record = {"step": learner.step, "heldout_accuracy": accuracy, "heldout_stderr": stderr}
+    learner.journal.write(record)
+    result.history.append(record)
+    log.info("held-out greedy accuracy %s training: %.3f +- %.3f", when, accuracy, stderr)
+    return accuracy, stderr
+
+
 async def evaluate(mesh: Mesh, problems: list[Problem], encode, max_new_tokens: int, version: int):
     """Greedy accuracy on `problems` (the rollout replicas hold `version`): (accuracy, stderr)."""
     greedy = SamplingRequest(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
@@ -76,195 +316,16 @@ async def evaluate(mesh: Mesh, problems: list[Problem], encode, max_new_tokens: 
     return accuracy, math.sqrt(accuracy * (1 - accuracy) / len(correct))
 
 
-async def train(
-    settings: LearnerSettings,
-    mesh: Mesh,
-    *,
-    resume: bool = False,
-    progress: bool = True,
-    on_step: Callable[[dict], object] | None = None,
-) -> RunResult:
-    began = time.perf_counter()
-    torch.manual_seed(settings.seed)
-    generator = torch.Generator().manual_seed(settings.seed)
-    out = Path(settings.out_dir)
-    journal = metrics.JsonlLog(out / "metrics.jsonl")
+# --- helpers --------------------------------------------------------------------------------
 
-    # --- start or resume ------------------------------------------------------------------
-    found = checkpoint.latest(out) if resume else None
-    model, tokenizer = load_policy(
-        found / checkpoint.POLICY_DIR if found else settings.policy_path, settings.device, settings.dtype
-    )
-    reference = None
-    if settings.algo.kl_coef > 0:
-        reference, _ = load_policy(settings.policy_path, settings.device, settings.dtype, trainable=False)
-    optimizer = torch.optim.Adam(
-        model.parameters(),
-        lr=settings.optim.lr,
-        betas=settings.optim.betas,
-        weight_decay=settings.optim.weight_decay,
-    )
-    stream = ProblemStream(load_problems(settings.train_path), seed=settings.seed)
-    step, version = 0, 0
-    if found:
-        state = checkpoint.load_state(found)
-        optimizer.load_state_dict(state.optimizer)
-        checkpoint.restore_rng(state.rng, generator)
-        stream = ProblemStream.from_state(load_problems(settings.train_path), state.data_position)
-        step = state.step
-        # Replicas may hold versions the lost learner published after this checkpoint: publish the
-        # checkpoint's weights under a version newer than anything they report.
-        seen = await _replicas_at(mesh, 0, all_expected=True)
-        version = max([state.version, *(replica.version for replica in seen.values())]) + 1
-        mesh.publisher.publish(version, named_weights(model))
-        await _replicas_at(mesh, version)
-        log.info("resumed from %s at step %d as version %d", found, step, version)
 
-    encode = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
-    heldout = (
-        load_problems(settings.eval.heldout_path)[: settings.eval.n_eval]
-        if settings.eval.heldout_path
-        else []
-    )
-    result = RunResult(steps=step, version=version, seconds=0.0, n_eval=len(heldout), history=journal.read())
-    if heldout and not found:
-        result.accuracy_before, result.stderr_before = await evaluate(
-            mesh, heldout, encode, settings.eval.max_new_tokens, version
-        )
-        metrics.STAT_GAUGES["heldout_accuracy_ratio"].set(result.accuracy_before)
-        journal.write(
-            {"step": step, "heldout_accuracy": result.accuracy_before, "heldout_stderr": result.stderr_before}
-        )
-        log.info(
-            "held-out greedy accuracy before training: %.3f +- %.3f",
-            result.accuracy_before,
-            result.stderr_before,
-        )
-
-    sampling = settings.sampling
-    collector = Collector(
-        mesh.rollout,
-        mesh.scorer,
-        mesh.verifier,
-        stream,
-        encode,
-        SamplingRequest(
-            sampling.samples_per_prompt, sampling.temperature, sampling.top_p, sampling.max_new_tokens
-        ),
-        groups_in_flight=sampling.groups_in_flight or sampling.prompts_per_step,
-        max_staleness=sampling.max_staleness,
-    )
-    bar = tqdm(total=settings.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+async def timed(phases: dict[str, float], name: str, work: Awaitable):
+    """Await `work`, recording its wall time under `name`."""
+    tick = time.perf_counter()
     try:
-        while step < settings.steps:
-            phases: dict[str, float] = {}
-
-            tick = time.perf_counter()
-            groups, collected = await collector.collect(sampling.prompts_per_step, version)
-            phases["collect"] = time.perf_counter() - tick
-            phases.update(_group_phase_means(groups))
-
-            tick = time.perf_counter()
-            experience = build_experience(groups, tokenizer.pad_token_id or 0, version)
-            stats = await asyncio.to_thread(
-                ppo_update,
-                model,
-                reference or model,
-                optimizer,
-                experience,
-                settings.algo,
-                settings.optim,
-                generator,
-            )
-            phases["update"] = time.perf_counter() - tick
-
-            tick = time.perf_counter()
-            version += 1
-            published = await asyncio.to_thread(mesh.publisher.publish, version, named_weights(model))
-            if sampling.max_staleness == 0:  # the next step samples from this version only
-                await _replicas_at(mesh, version)
-            phases["publish"] = time.perf_counter() - tick
-            step += 1
-
-            stats.update(
-                pass_at_n_ratio=_pass_at_n(groups),
-                dropped_stale=collected.dropped_stale,
-                failed_groups=collected.failed_groups,
-            )
-            metrics.DROPPED_SAMPLES.labels("stale").inc(collected.dropped_stale * sampling.samples_per_prompt)
-            metrics.DROPPED_SAMPLES.labels("failed").inc(
-                collected.failed_groups * sampling.samples_per_prompt
-            )
-            metrics.PUBLISH_BYTES.set(published.total_bytes)
-            for replica, held in mesh.publisher.replicas.items():
-                metrics.REPLICA_LAG.labels(replica).set(version - held.version)
-
-            if (
-                settings.eval.every_steps
-                and heldout
-                and step % settings.eval.every_steps == 0
-                and step < settings.steps
-            ):
-                accuracy, stderr = await evaluate(
-                    mesh, heldout, encode, settings.eval.max_new_tokens, version
-                )
-                stats.update(
-                    heldout_accuracy=accuracy, heldout_stderr=stderr, heldout_accuracy_ratio=accuracy
-                )
-
-            if step % settings.checkpoint_every == 0 or step == settings.steps:
-                tick = time.perf_counter()
-                await asyncio.to_thread(
-                    checkpoint.save,
-                    out,
-                    model,
-                    tokenizer,
-                    optimizer,
-                    checkpoint.TrainingState(step, version, stream.state()),
-                    generator,
-                    settings.keep_checkpoints,
-                )
-                phases["checkpoint"] = time.perf_counter() - tick
-
-            record = {
-                "step": step,
-                "version": version,
-                "data_position": list(stream.position),
-                **stats,
-                **{f"{k}_seconds": v for k, v in phases.items()},
-            }
-            metrics.export(step, version, stats, phases)
-            journal.write(record)
-            result.history.append(record)
-            if on_step:
-                outcome = on_step(record)
-                if inspect.isawaitable(outcome):
-                    await outcome
-            bar.update(1)
-            bar.set_postfix(
-                reward=f"{stats['outcome_reward']:+.3f}",
-                solved=f"{stats['solved_ratio']:.2f}",
-                kl=f"{stats['kl']:.4f}",
-            )
+        return await work
     finally:
-        bar.close()
-        await collector.close()
-
-    if heldout:
-        result.accuracy_after, result.stderr_after = await evaluate(
-            mesh, heldout, encode, settings.eval.max_new_tokens, version
-        )
-        metrics.STAT_GAUGES["heldout_accuracy_ratio"].set(result.accuracy_after)
-        journal.write(
-            {"step": step, "heldout_accuracy": result.accuracy_after, "heldout_stderr": result.stderr_after}
-        )
-        log.info(
-            "held-out greedy accuracy after training: %.3f +- %.3f",
-            result.accuracy_after,
-            result.stderr_after,
-        )
-    result.steps, result.version, result.seconds = step, version, time.perf_counter() - began
-    return result
+        phases[name] = time.perf_counter() - tick
 
 
 async def _replicas_at(mesh: Mesh, version: int, all_expected: bool = False) -> dict:

@@ -76,7 +76,15 @@ async def test_training_survives_a_killed_replica_and_syncs_the_rest(
     tiny_policy_dir, tiny_prm_dir, problems, tmp_path
 ):
     config = RunSettings.model_validate(
-        settings(tiny_policy_dir, tiny_prm_dir, problems, tmp_path / "run", 5, 2)
+        settings(
+            tiny_policy_dir,
+            tiny_prm_dir,
+            problems,
+            tmp_path / "run",
+            5,
+            2,
+            eval={"heldout_path": str(problems), "n_eval": 4, "max_new_tokens": 12},
+        )
     )
     mesh = {}
     statuses = {}
@@ -97,6 +105,9 @@ async def test_training_survives_a_killed_replica_and_syncs_the_rest(
     history = [r for r in result.history if "outcome_reward" in r]
     assert [r["step"] for r in history] == [1, 2, 3, 4, 5]
     assert all(r["failed_groups"] == 0 for r in history)
+    # the held-out evaluations before and after training are part of the history the demo plots
+    evaluations = [r for r in result.history if "heldout_accuracy" in r]
+    assert [r["step"] for r in evaluations] == [0, 5] and result.n_eval == 4
     before = weights(tiny_policy_dir)
     after = weights(tmp_path / "run" / "checkpoints" / "step-000005" / "policy")
     changed = [name for name in before if not torch.equal(before[name], after[name])]
