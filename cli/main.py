@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 from puremesh import __version__
 
-from . import bootstrap, clients, credit, demo, prm_train, serve, train
+from . import bootstrap, clients, credit, demo, prm_train, probe, serve, train
 from .errors import CliError
 
-COMMANDS = (credit, demo, bootstrap, prm_train, serve, clients, train)
+COMMANDS = (credit, demo, bootstrap, prm_train, serve, clients, probe, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

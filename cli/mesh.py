@@ -85,8 +85,11 @@ SINGLE_TRY = RetryPolicy(max_attempts=1)
 
 
 class MeshRollout:
-    def __init__(self, targets: Sequence[str], timeout: float) -> None:
-        self.pool = EndpointPool("rollout", [RolloutClient(t, timeout, SINGLE_TRY) for t in targets])
+    """`application`: the Ray Serve application name when the targets are Ray Serve proxies."""
+
+    def __init__(self, targets: Sequence[str], timeout: float, application: str = "") -> None:
+        clients = [RolloutClient(t, timeout, SINGLE_TRY, application) for t in targets]
+        self.pool = EndpointPool("rollout", clients)
 
     async def generate(
         self, prompt_ids: list[int], sampling: SamplingRequest, min_policy_version: int
@@ -106,8 +109,8 @@ class MeshRollout:
 
 
 class MeshScorer:
-    def __init__(self, targets: Sequence[str], timeout: float) -> None:
-        self.pool = EndpointPool("prm", [PrmClient(t, timeout, SINGLE_TRY) for t in targets])
+    def __init__(self, targets: Sequence[str], timeout: float, application: str = "") -> None:
+        self.pool = EndpointPool("prm", [PrmClient(t, timeout, SINGLE_TRY, application) for t in targets])
 
     async def score(self, prompt_ids: list[int], responses: list[list[int]]) -> list[StepScores]:
         results = await self.pool.call(lambda client: client.score([(prompt_ids, r) for r in responses]))
@@ -118,8 +121,10 @@ class MeshScorer:
 
 
 class MeshVerifier:
-    def __init__(self, targets: Sequence[str], timeout: float) -> None:
-        self.pool = EndpointPool("verify", [VerifyClient(t, timeout, SINGLE_TRY) for t in targets])
+    def __init__(self, targets: Sequence[str], timeout: float, application: str = "") -> None:
+        self.pool = EndpointPool(
+            "verify", [VerifyClient(t, timeout, SINGLE_TRY, application) for t in targets]
+        )
 
     async def verify(self, responses: list[str], ground_truth: str | None) -> list[str]:
         outcomes = await self.pool.call(lambda client: client.verify([(r, ground_truth) for r in responses]))

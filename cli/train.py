@@ -1,5 +1,6 @@
 """`puremesh train` (the learner against running services) and `puremesh up` (the whole mesh as
-local processes on loopback, then the learner)."""
+local processes on loopback, or with --ray as Ray Serve applications on a local Ray instance,
+then the learner)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,21 @@ log = logging.getLogger(__name__)
 ENV_PREFIX = "PUREMESH__"
 
 
+class RayLayout(BaseModel):
+    """`puremesh up --ray`: the local Ray instance, and per service the fields of its Ray Serve
+    deployment (services/common/ray_serve.py RayDeploymentSettings: min_replicas, max_replicas,
+    target_ongoing_requests, num_cpus, num_gpus, ...). Locally each replica reserves no CPU
+    (num_cpus 0) unless set, and rollout runs mesh.rollout_replicas replicas."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray instance; default: all")
+    object_store_bytes: int = Field(256 << 20, ge=80 << 20, description="Ray's object store (shared memory)")
+    grpc_port: int = Field(0, ge=0, le=65535, description="the Serve gRPC proxy's port; 0 picks a free one")
+    rollout: dict[str, Any] = Field(default_factory=dict, description="RayDeploymentSettings of rollout")
+    prm: dict[str, Any] = Field(default_factory=dict, description="RayDeploymentSettings of prm")
+    verify: dict[str, Any] = Field(default_factory=dict, description="RayDeploymentSettings of verify")
+
+
 class MeshLayout(BaseModel):
     """The local services `puremesh up` starts; each dict holds that service's settings fields."""
 
@@ -35,6 +51,7 @@ class MeshLayout(BaseModel):
     )
     prm: dict[str, Any] = Field(default_factory=dict, description="PrmSettings (model_path required)")
     verify: dict[str, Any] = Field(default_factory=dict, description="VerifySettings")
+    ray: RayLayout = Field(default_factory=RayLayout, description="only for `puremesh up --ray`")
 
 
 class RunSettings(BaseModel):
@@ -56,6 +73,12 @@ def register(sub: argparse._SubParsersAction) -> None:
             "--resume", action="store_true", help="continue from the last checkpoint in out_dir"
         )
         parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+        if name == "up":
+            parser.add_argument(
+                "--ray",
+                action="store_true",
+                help="run the services as Ray Serve applications on a local Ray instance (gRPC proxy)",
+            )
         parser.set_defaults(run=run_up if name == "up" else run_train)
 
 
@@ -69,7 +92,12 @@ def load_run_settings(path: str | Path | None, overrides: dict | None = None) ->
 def run_up(args: argparse.Namespace) -> int:
     _logging(args.log_level)
     settings = load_run_settings(args.config)
-    result = asyncio.run(run_mesh(settings, resume=args.resume))
+    if args.ray:
+        from .ray_mesh import run_mesh_ray
+
+        result = asyncio.run(run_mesh_ray(settings, resume=args.resume))
+    else:
+        result = asyncio.run(run_mesh(settings, resume=args.resume))
     _print_result(result)
     return 0
 
@@ -116,10 +144,11 @@ async def _learn(
         if on_weights_ready is not None:
             learner = await on_weights_ready(host.target, learner)
         timeout = learner.endpoints.call_timeout_seconds
+        apps = learner.endpoints.applications
         mesh = Mesh(
-            MeshRollout(learner.endpoints.rollout, timeout),
-            MeshScorer(learner.endpoints.prm, timeout),
-            MeshVerifier(learner.endpoints.verify, timeout),
+            MeshRollout(learner.endpoints.rollout, timeout, apps.get("rollout", "")),
+            MeshScorer(learner.endpoints.prm, timeout, apps.get("prm", "")),
+            MeshVerifier(learner.endpoints.verify, timeout, apps.get("verify", "")),
             publisher,
             replicas=replicas,
         )

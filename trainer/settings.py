@@ -54,6 +54,11 @@ class EndpointSettings(_Frozen):
     prm: list[str] = Field(default_factory=list)
     verify: list[str] = Field(default_factory=list)
     call_timeout_seconds: float = Field(600.0, gt=0, description="deadline of each service call")
+    applications: dict[Literal["rollout", "prm", "verify"], str] = Field(
+        default_factory=dict,
+        description="Ray Serve application per service when its targets are Ray Serve gRPC proxies, "
+        "sent as `application` metadata on every call (e.g. {rollout: rollout}); none = standalone",
+    )
 
 
 class WeightServerSettings(_Frozen):

@@ -2,6 +2,9 @@
 
 Only codes in errors.RETRYABLE_CODES are retried. A server stream is retried only while it
 has not delivered a message, so a caller never sees a message twice.
+
+A service behind a Ray Serve gRPC proxy is named by the `application` metadata key on every
+call (services/common/ray_serve.py); `call_metadata` builds it, none for a standalone server.
 """
 
 from __future__ import annotations
@@ -46,6 +49,14 @@ class RpcError(Exception):
         self.code, self.details, self.target = code, details, target
 
 
+Metadata = tuple[tuple[str, str], ...]
+
+
+def call_metadata(application: str = "") -> Metadata | None:
+    """The metadata of every call: ("application", name) for a Ray Serve proxy, else none."""
+    return (("application", application),) if application else None
+
+
 def open_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(
         target,
@@ -61,12 +72,18 @@ def _as_rpc_error(error: grpc.aio.AioRpcError, target: str) -> RpcError:
 
 
 async def call_unary(
-    method: Callable[..., Any], request: Any, *, timeout: float, retry: RetryPolicy, target: str = ""
+    method: Callable[..., Any],
+    request: Any,
+    *,
+    timeout: float,
+    retry: RetryPolicy,
+    target: str = "",
+    metadata: Metadata | None = None,
 ) -> Any:
     """Call a unary RPC with a deadline of `timeout` seconds per attempt and bounded retries."""
     for attempt in range(retry.max_attempts):
         try:
-            return await method(request, timeout=timeout)
+            return await method(request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as error:
             if error.code() not in retry.retryable or attempt + 1 == retry.max_attempts:
                 raise _as_rpc_error(error, target) from error
@@ -75,13 +92,19 @@ async def call_unary(
 
 
 async def call_server_stream(
-    method: Callable[..., Any], request: Any, *, timeout: float, retry: RetryPolicy, target: str = ""
+    method: Callable[..., Any],
+    request: Any,
+    *,
+    timeout: float,
+    retry: RetryPolicy,
+    target: str = "",
+    metadata: Metadata | None = None,
 ) -> AsyncIterator[Any]:
     """Iterate a server stream with a deadline; retried only before the first message."""
     for attempt in range(retry.max_attempts):
         received = False
         try:
-            async for message in method(request, timeout=timeout):
+            async for message in method(request, timeout=timeout, metadata=metadata):
                 received = True
                 yield message
             return
@@ -89,3 +112,18 @@ async def call_server_stream(
             if received or error.code() not in retry.retryable or attempt + 1 == retry.max_attempts:
                 raise _as_rpc_error(error, target) from error
         await asyncio.sleep(retry.backoff(attempt))
+
+
+async def check_health(
+    channel: grpc.aio.Channel, service: str, *, timeout: float, retry: RetryPolicy, target: str = ""
+) -> None:
+    """grpc.health.v1 Check of `service` (its full proto name). RpcError unless SERVING: UNAVAILABLE
+    for NOT_SERVING (a standalone server loading or draining), or the call's own error."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    request = health_pb2.HealthCheckRequest(service=service)
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = await call_unary(stub.Check, request, timeout=timeout, retry=retry, target=target)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        raise RpcError(grpc.StatusCode.UNAVAILABLE, f"{service} is {status}", target)

@@ -100,9 +100,7 @@ class ServiceHost:
             self.port = server.add_insecure_port(address)
         except RuntimeError as error:
             raise OSError(f"cannot bind gRPC server to {address}: {error}") from error
-        if self.settings.metrics_port is not None:
-            self._metrics = metrics.start_metrics_endpoint(self.settings.host, self.settings.metrics_port)
-            self.metrics_port = self._metrics.port
+        self.start_metrics()
         await self._set_health(NOT_SERVING)
         await server.start()
         self._server = server
@@ -114,6 +112,23 @@ class ServiceHost:
         )
         if wait_ready:
             await self.load()
+
+    def start_metrics(self) -> None:
+        """Serve /metrics on settings.metrics_port (unless None); start() does it."""
+        if self.settings.metrics_port is not None and self._metrics is None:
+            self._metrics = metrics.start_metrics_endpoint(self.settings.host, self.settings.metrics_port)
+            self.metrics_port = self._metrics.port
+
+    def handler(self, full_name: str, method: str, inner: Callable[..., Any], stream: bool = False):
+        """`inner` (a servicer method) behind the same admission, error mapping and metrics as a
+        call through this host's gRPC server: for adapters that receive calls another way (Ray
+        Serve, services/common/ray_serve.py). The result takes (request, context); the context
+        needs `abort(code, details)` (raising) and `time_remaining()`."""
+        interceptor = _HostInterceptor(self)
+        service = self.services[full_name]
+        if stream:
+            return interceptor._wrap_stream(service, method, inner)
+        return interceptor._wrap_unary(service, method, inner)
 
     async def load(self) -> None:
         """Load and warm up every service, then report SERVING."""

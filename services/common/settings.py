@@ -7,6 +7,7 @@ such variables). Values are parsed as YAML scalars, so "4", "true" and "[a, b]" 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -72,13 +73,17 @@ def load_settings(
     env_prefix: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    data: Mapping[str, Any] | None = None,
 ) -> Model:
     """Build `model` from its defaults, a YAML file, environment variables and overrides.
 
     `overrides` is nested like the model (e.g. {"server": {"port": 50051}}); None values are
-    skipped, so unset command-line flags do not override anything.
+    skipped, so unset command-line flags do not override anything. `data` stands in for the
+    YAML file's content (e.g. Ray Serve application args); it cannot be given with `path`.
     """
-    data: dict[str, Any] = {}
+    if data is not None and path is not None:
+        raise ValueError("give a settings file or data, not both")
+    data = copy.deepcopy(dict(data)) if data is not None else {}
     if path is not None:
         try:
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from puremesh.common.v1 import common_pb2
 from puremesh.prm.v1 import prm_pb2, prm_pb2_grpc
-from puremesh.services.common.client import RetryPolicy, call_unary, open_channel
+from puremesh.services.common.client import RetryPolicy, call_metadata, call_unary, check_health, open_channel
 
+SERVICE_NAME = "puremesh.prm.v1.PrmService"
 Text = str
 TokenIds = Sequence[int]
 
@@ -49,20 +50,31 @@ def _item(prompt: Text | TokenIds, response: Text | TokenIds) -> prm_pb2.ScoreIt
 class PrmClient:
     """`async with PrmClient("host:port") as prm: await prm.score([(prompt, response)])`.
 
-    Prompts and responses are text (tokenised by the server) or token ids.
+    Prompts and responses are text (tokenised by the server) or token ids. `application`: the
+    Ray Serve application behind a Ray Serve gRPC proxy at `target` (sent as `application`
+    metadata on every call); empty for a standalone server.
     """
 
-    def __init__(self, target: str, timeout: float = 60.0, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self, target: str, timeout: float = 60.0, retry: RetryPolicy | None = None, application: str = ""
+    ) -> None:
         self.target = target
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
+        self.application = application
+        self._metadata = call_metadata(application)
         self._channel = open_channel(target)
         self._stub = prm_pb2_grpc.PrmServiceStub(self._channel)
 
     async def score(self, items: Sequence[tuple[Text | TokenIds, Text | TokenIds]]) -> list[ScoredResponse]:
         request = prm_pb2.ScoreStepsRequest(items=[_item(p, r) for p, r in items])
         reply = await call_unary(
-            self._stub.ScoreSteps, request, timeout=self.timeout, retry=self.retry, target=self.target
+            self._stub.ScoreSteps,
+            request,
+            timeout=self.timeout,
+            retry=self.retry,
+            target=self.target,
+            metadata=self._metadata,
         )
         return [
             ScoredResponse([], result.error.message)
@@ -72,6 +84,26 @@ class PrmClient:
             )
             for result in reply.results
         ]
+
+    async def probe(self) -> str:
+        """Check that the service answers; a one-line description, or RpcError. Standalone:
+        grpc.health.v1. Through a Ray Serve proxy (which answers no grpc.health): an empty
+        ScoreSteps call, which a replica answers only once its PRM is loaded."""
+        timeout = min(self.timeout, 30.0)
+        if not self.application:
+            await check_health(
+                self._channel, SERVICE_NAME, timeout=timeout, retry=self.retry, target=self.target
+            )
+            return "SERVING"
+        await call_unary(
+            self._stub.ScoreSteps,
+            prm_pb2.ScoreStepsRequest(),
+            timeout=timeout,
+            retry=self.retry,
+            target=self.target,
+            metadata=self._metadata,
+        )
+        return "ready (ScoreSteps answered)"
 
     async def close(self) -> None:
         await self._channel.close()

@@ -5,9 +5,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+import grpc
+
 from puremesh.common.v1 import common_pb2
 from puremesh.rollout.v1 import rollout_pb2, rollout_pb2_grpc
-from puremesh.services.common.client import RetryPolicy, call_server_stream, call_unary, open_channel
+from puremesh.services.common.client import (
+    RetryPolicy,
+    RpcError,
+    call_metadata,
+    call_server_stream,
+    call_unary,
+    check_health,
+    open_channel,
+)
 
 FINISH_NAMES = {
     rollout_pb2.FINISH_REASON_STOP: "stop",
@@ -47,13 +57,24 @@ class ReplicaStatus:
     replica_id: str
 
 
-class RolloutClient:
-    """`async with RolloutClient("host:port") as rollout: async for s in rollout.generate(...)`."""
+SERVICE_NAME = "puremesh.rollout.v1.RolloutService"
 
-    def __init__(self, target: str, timeout: float = 600.0, retry: RetryPolicy | None = None) -> None:
+
+class RolloutClient:
+    """`async with RolloutClient("host:port") as rollout: async for s in rollout.generate(...)`.
+
+    `application`: the Ray Serve application behind a Ray Serve gRPC proxy at `target` (sent as
+    `application` metadata on every call); empty for a standalone server.
+    """
+
+    def __init__(
+        self, target: str, timeout: float = 600.0, retry: RetryPolicy | None = None, application: str = ""
+    ) -> None:
         self.target = target
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
+        self.application = application
+        self._metadata = call_metadata(application)
         self._channel = open_channel(target)
         self._stub = rollout_pb2_grpc.RolloutServiceStub(self._channel)
 
@@ -83,7 +104,12 @@ class RolloutClient:
         else:
             request.prompt_token_ids.CopyFrom(common_pb2.TokenIds(ids=list(prompt)))
         stream = call_server_stream(
-            self._stub.Generate, request, timeout=self.timeout, retry=self.retry, target=self.target
+            self._stub.Generate,
+            request,
+            timeout=self.timeout,
+            retry=self.retry,
+            target=self.target,
+            metadata=self._metadata,
         )
         async for message in stream:
             yield Sample(
@@ -103,6 +129,7 @@ class RolloutClient:
             timeout=min(self.timeout, 30.0),
             retry=self.retry,
             target=self.target,
+            metadata=self._metadata,
         )
         return ReplicaStatus(
             reply.policy_version,
@@ -112,6 +139,23 @@ class RolloutClient:
             reply.requests_in_flight,
             reply.replica_id,
         )
+
+    async def probe(self) -> str:
+        """Check that the service answers; a one-line description, or RpcError. Standalone:
+        grpc.health.v1. Through a Ray Serve proxy (which answers no grpc.health): GetStatus, and
+        UNAVAILABLE unless the replica that answered is ready."""
+        if not self.application:
+            timeout = min(self.timeout, 30.0)
+            await check_health(
+                self._channel, SERVICE_NAME, timeout=timeout, retry=self.retry, target=self.target
+            )
+            return "SERVING"
+        status = await self.status()
+        if not status.ready:
+            raise RpcError(
+                grpc.StatusCode.UNAVAILABLE, f"replica {status.replica_id} is not ready", self.target
+            )
+        return f"ready, replica {status.replica_id}, policy version {status.policy_version}"
 
     async def close(self) -> None:
         await self._channel.close()

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from puremesh.services.common.client import RetryPolicy, call_unary, open_channel
+from puremesh.services.common.client import RetryPolicy, call_metadata, call_unary, check_health, open_channel
 from puremesh.verify.v1 import verify_pb2, verify_pb2_grpc
 
+SERVICE_NAME = "puremesh.verify.v1.VerifyService"
 VERDICT_NAMES = {
     verify_pb2.VERDICT_CORRECT: "correct",
     verify_pb2.VERDICT_INCORRECT: "incorrect",
@@ -31,12 +32,20 @@ class VerifyOutcome:
 
 
 class VerifyClient:
-    """`async with VerifyClient("host:port") as client: await client.verify([(text, gt)])`."""
+    """`async with VerifyClient("host:port") as client: await client.verify([(text, gt)])`.
 
-    def __init__(self, target: str, timeout: float = 60.0, retry: RetryPolicy | None = None) -> None:
+    `application`: the Ray Serve application behind a Ray Serve gRPC proxy at `target` (sent as
+    `application` metadata on every call); empty for a standalone server.
+    """
+
+    def __init__(
+        self, target: str, timeout: float = 60.0, retry: RetryPolicy | None = None, application: str = ""
+    ) -> None:
         self.target = target
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
+        self.application = application
+        self._metadata = call_metadata(application)
         self._channel = open_channel(target)
         self._stub = verify_pb2_grpc.VerifyServiceStub(self._channel)
 
@@ -51,7 +60,12 @@ class VerifyClient:
             ]
         )
         reply = await call_unary(
-            self._stub.Verify, request, timeout=self.timeout, retry=self.retry, target=self.target
+            self._stub.Verify,
+            request,
+            timeout=self.timeout,
+            retry=self.retry,
+            target=self.target,
+            metadata=self._metadata,
         )
         return [
             VerifyOutcome("error", "", result.error.message)
@@ -59,6 +73,26 @@ class VerifyClient:
             else VerifyOutcome(VERDICT_NAMES.get(result.verdict, "error"), result.extracted_answer)
             for result in reply.results
         ]
+
+    async def probe(self) -> str:
+        """Check that the service answers; a one-line description, or RpcError. Standalone:
+        grpc.health.v1. Through a Ray Serve proxy (which answers no grpc.health): an empty
+        Verify call, which a replica answers once its grading pool runs."""
+        timeout = min(self.timeout, 30.0)
+        if not self.application:
+            await check_health(
+                self._channel, SERVICE_NAME, timeout=timeout, retry=self.retry, target=self.target
+            )
+            return "SERVING"
+        await call_unary(
+            self._stub.Verify,
+            verify_pb2.VerifyRequest(),
+            timeout=timeout,
+            retry=self.retry,
+            target=self.target,
+            metadata=self._metadata,
+        )
+        return "ready (Verify answered)"
 
     async def close(self) -> None:
         await self._channel.close()

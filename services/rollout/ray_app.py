@@ -1,0 +1,50 @@
+"""The rollout service as a Ray Serve application: `puremesh.services.rollout.ray_app:build_app`
+(names, args and ports: services/common/ray_serve.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from puremesh.rollout.v1 import rollout_pb2
+from puremesh.services.common.ray_serve import APPS, ServiceReplica, ServiceSpec, build_application
+
+from .app import rollout_service
+from .servicer import SERVICE
+from .settings import ENV_PREFIX, RolloutSettings
+
+
+def _prepare(settings: RolloutSettings, tag: str) -> RolloutSettings:
+    # Every replica gets its own id (the learner tracks the version each replica holds).
+    return settings.model_copy(update={"replica_id": f"{settings.replica_id or SERVICE}-{tag}"})
+
+
+SPEC = ServiceSpec(
+    app=APPS["rollout"],
+    settings_model=RolloutSettings,
+    env_prefix=ENV_PREFIX,
+    factory=rollout_service,
+    prepare=_prepare,
+    # A replica batches concurrent Generate calls in its engine: many in flight each.
+    deployment_defaults={"max_ongoing_requests": 64, "target_ongoing_requests": 16},
+)
+
+
+class RolloutDeployment(ServiceReplica):
+    """RolloutService on Ray Serve: the RPC methods call RolloutServicer's."""
+
+    spec = SPEC
+
+    async def Generate(
+        self, request: rollout_pb2.GenerateRequest, grpc_context=None
+    ) -> AsyncIterator[rollout_pb2.GenerateResponse]:
+        async for message in self.stream("Generate", request, grpc_context):
+            yield message
+
+    async def GetStatus(self, request: rollout_pb2.GetStatusRequest, grpc_context=None):
+        return await self.unary("GetStatus", request, grpc_context)
+
+
+def build_app(args: Mapping[str, Any] | None = None):
+    """serveConfigV2 import_path `puremesh.services.rollout.ray_app:build_app`."""
+    return build_application(SPEC, RolloutDeployment, args)

@@ -1,0 +1,565 @@
+"""The Helm chart (deploy/helm/puremesh), rendered offline for its default values and each example.
+
+Every manifest is validated against a schema (stock kinds with kubernetes-validate, KubeRay's and
+prometheus-operator's kinds against the vendored CRDs, with unknown fields rejected as the API
+server would silently prune them), and the settings the chart renders are fed to the services'
+own settings models, the learner's command line to the real `puremesh` parser.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from chartkit import (
+    CASES,
+    CHART,
+    KUBE_VERSION,
+    NAMESPACE,
+    RELEASE,
+    REPO,
+    SCHEMAS,
+    find,
+    helm,
+    one,
+    render,
+    template_args,
+)
+
+from puremesh.services.prm.settings import PrmSettings
+from puremesh.services.rollout.settings import RolloutSettings
+from puremesh.services.verify.settings import VerifySettings
+from puremesh.trainer.settings import LearnerSettings
+
+FULLNAME = f"{RELEASE}-puremesh"
+SERVE_SVC = f"{FULLNAME}-serve-svc"  # KubeRay names a RayService's Serve Service <name>-serve-svc
+APPS = {
+    "rollout": ("RolloutDeployment", RolloutSettings),
+    "prm": ("PrmDeployment", PrmSettings),
+    "verify": ("VerifyDeployment", VerifySettings),
+}
+CUSTOM_GROUPS = ("ray.io", "monitoring.coreos.com")
+CRD_FILES = {
+    ("ray.io/v1", "RayService"): SCHEMAS / "kuberay" / "ray.io_rayservices.yaml",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): SCHEMAS
+    / "prometheus-operator"
+    / "crd-servicemonitors.yaml",
+    ("monitoring.coreos.com/v1", "PodMonitor"): SCHEMAS / "prometheus-operator" / "crd-podmonitors.yaml",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): SCHEMAS
+    / "prometheus-operator"
+    / "crd-prometheusrules.yaml",
+}
+MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+
+
+def serve_config(docs) -> dict[str, Any]:
+    return yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])
+
+
+def pod_specs(docs) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, pod spec) of every pod the chart makes, directly or through KubeRay."""
+    for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] == "Job":
+            yield name, doc["spec"]["template"]["spec"]
+        elif doc["kind"] == "Pod":
+            yield name, doc["spec"]
+        elif doc["kind"] == "RayService":
+            cluster = doc["spec"]["rayClusterConfig"]
+            yield f"{name} head", cluster["headGroupSpec"]["template"]["spec"]
+            for group in cluster["workerGroupSpecs"]:
+                yield f"{name} {group['groupName']}", group["template"]["spec"]
+
+
+def containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+# --- helm lint and template -------------------------------------------------------------------
+
+
+def test_lint_strict(case):
+    args = ["lint", "--strict", str(CHART), "--namespace", NAMESPACE]
+    for path in CASES[case]:
+        args += ["--values", str(path)]
+    result = helm(*args, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
+
+
+def test_renders_the_expected_objects(case, docs):
+    kinds = sorted(d["kind"] for d in docs)
+    expected = [
+        "ConfigMap",  # settings
+        "Job",
+        "NetworkPolicy",
+        "NetworkPolicy",
+        "PersistentVolumeClaim",
+        "Pod",  # helm test, one per application
+        "Pod",
+        "Pod",
+        "RayService",
+        "Service",  # the learner's; KubeRay makes <name>-serve-svc
+        "ServiceAccount",
+    ]
+    if case != "monitoring-off":
+        expected += ["ConfigMap", "PodMonitor", "PrometheusRule", "ServiceMonitor"]
+    assert kinds == sorted(expected)
+    for doc in docs:
+        assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+        assert len(doc["metadata"]["name"]) <= 63
+
+
+# --- schema validation ------------------------------------------------------------------------
+
+
+def test_stock_kinds_pass_kubernetes_schemas(docs):
+    stock = [d for d in docs if d["apiVersion"].split("/")[0] not in CUSTOM_GROUPS]
+    assert stock
+    for doc in stock:
+        try:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            path = ".".join(str(p) for p in error.path)
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {path}: {error.message}")
+
+
+def _closed(schema: Any) -> Any:
+    """A CRD schema in which objects with declared properties accept no others: the API server
+    would prune an unknown (misspelt) field silently, so here it is an error."""
+    if isinstance(schema, dict):
+        out = {key: _closed(value) for key, value in schema.items()}
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_closed(item) for item in schema]
+    return schema
+
+
+@functools.cache
+def crd_validator(api_version: str, kind: str) -> jsonschema.Draft7Validator:
+    crd = yaml.safe_load(CRD_FILES[(api_version, kind)].read_text())
+    assert crd["spec"]["names"]["kind"] == kind
+    version = api_version.split("/")[1]
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    schema = _closed(served["schema"]["openAPIV3Schema"])
+    return jsonschema.Draft7Validator(schema)
+
+
+def test_custom_resources_pass_their_crd_schemas(case, docs):
+    custom = [d for d in docs if d["apiVersion"].split("/")[0] in CUSTOM_GROUPS]
+    assert {d["kind"] for d in custom} == (
+        {"RayService"} if case == "monitoring-off" else {"RayService"} | MONITORING_KINDS
+    )
+    for doc in custom:
+        errors = sorted(crd_validator(doc["apiVersion"], doc["kind"]).iter_errors(doc), key=str)
+        assert not errors, "\n".join(
+            f"{doc['kind']}: {'.'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in errors[:10]
+        )
+
+
+def test_crd_validation_catches_a_misspelt_field():
+    rayservice = json.loads(json.dumps(one(render(), "RayService")))
+    rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParam"] = {}
+    assert list(crd_validator("ray.io/v1", "RayService").iter_errors(rayservice))
+
+
+# --- values.schema.json -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("services.rollout.settings.engine=tgi", "services.rollout.settings.engine"),
+        ("services.verify.settings.workers=0", "services.verify.settings.workers"),
+        ("services.prm.settings.max_batch_tokenz=1", "max_batch_tokenz"),
+        ("learner.settings.sampling.samples_per_prompt=1", "learner.settings.sampling.samples_per_prompt"),
+        ("learner.settings.algo.credit=sum-of-logs", "learner.settings.algo.credit"),
+        ("ray.grpcPort=70000", "ray.grpcPort"),
+        ("image.flavor=rocm", "image.flavor"),
+        ("monitoring.prometheusRule.rules.jumpWindow=soon", "monitoring.prometheusRule.rules.jumpWindow"),
+        ("services.rollout.autoscaling.max_replica=3", "max_replica"),
+        ("learnr.enabled=false", "learnr"),
+    ],
+)
+def test_values_schema_rejects_a_bad_value(setting, message):
+    result = helm(*template_args(sets=(setting,)), check=False)
+    assert result.returncode != 0, f"--set {setting} was accepted"
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert message in result.stderr, result.stderr
+
+
+def test_values_schema_settings_follow_the_settings_models():
+    spec = importlib.util.spec_from_file_location("sync_schema", REPO / "deploy" / "helm" / "sync_schema.py")
+    sync = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync)
+    current = (CHART / "values.schema.json").read_text()
+    assert current == sync.render(sync.synced(json.loads(current))), (
+        "values.schema.json is out of date with the settings models: run `make chart-schema`"
+    )
+
+
+# --- the RayService and its Serve config ------------------------------------------------------
+
+
+def test_serve_config_has_one_application_per_service(case, docs):
+    config = serve_config(docs)
+    apps = {app["name"]: app for app in config["applications"]}
+    assert set(apps) == set(APPS)
+    for name, (deployment, _) in APPS.items():
+        app = apps[name]
+        assert app["import_path"] == f"puremesh.services.{name}.ray_app:build_app"
+        assert app["route_prefix"] == f"/{name}"
+        assert set(app["args"]) == {"settings"}
+        (spec,) = app["deployments"]
+        assert spec["name"] == deployment
+        autoscaling = spec["autoscaling_config"]
+        assert 1 <= autoscaling["min_replicas"] <= autoscaling["max_replicas"]
+        assert 0 < autoscaling["target_ongoing_requests"] <= spec["max_ongoing_requests"]
+        assert "num_replicas" not in spec  # Serve refuses it beside autoscaling_config
+        assert set(spec["ray_actor_options"]) >= {"num_cpus", "num_gpus"}
+    gpus = {name: apps[name]["deployments"][0]["ray_actor_options"]["num_gpus"] for name in APPS}
+    if case == "gpu-cluster":
+        assert gpus["rollout"] >= 1 and gpus["prm"] >= 1 and gpus["verify"] == 0
+        gpu_groups = [
+            g
+            for g in one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+            if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+        ]
+        assert gpu_groups, "GPU replicas need a worker group with GPUs"
+    else:
+        assert set(gpus.values()) == {0}
+
+
+def test_serve_grpc_ingress_registers_the_generated_servicers(docs):
+    grpc_options = serve_config(docs)["grpc_options"]
+    assert grpc_options["port"] == 9000
+    assert len(grpc_options["grpc_servicer_functions"]) == 3
+    for path in grpc_options["grpc_servicer_functions"]:
+        module, _, function = path.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), function)), path
+        assert function.startswith("add_") and function.endswith("Servicer_to_server")
+
+
+def test_serve_service_exposes_the_grpc_port(docs):
+    spec = one(docs, "RayService")["spec"]
+    ports = {p["name"]: p for p in spec["serveService"]["spec"]["ports"]}
+    assert ports["serve-grpc"]["port"] == 9000
+    # KubeRay puts the head container's ports named `serve` and `serve-*` on <name>-serve-svc.
+    head = spec["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head_ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    assert head_ports["serve-grpc"] == 9000 and head_ports["serve"] == ports["serve"]["port"]
+    assert one(docs, "RayService")["metadata"]["name"] + "-serve-svc" == SERVE_SVC
+
+
+def test_rendered_settings_are_accepted_by_the_services(case, docs):
+    config_map = one(docs, "ConfigMap", f"{FULLNAME}-config")
+    for app in serve_config(docs)["applications"]:
+        _, model = APPS[app["name"]]
+        settings = app["args"]["settings"]
+        model.model_validate(settings)
+        assert yaml.safe_load(config_map["data"][f"{app['name']}.yaml"]) == settings
+    learner = yaml.safe_load(config_map["data"]["learner.yaml"])
+    assert set(learner) == {"learner"}
+    LearnerSettings.model_validate(learner["learner"])
+
+
+def test_rollout_replicas_pull_weights_from_the_learner(docs):
+    (rollout,) = [a for a in serve_config(docs)["applications"] if a["name"] == "rollout"]
+    service = one(docs, "Service", f"{FULLNAME}-learner")
+    (weights,) = [p for p in service["spec"]["ports"] if p["name"] == "weights"]
+    assert rollout["args"]["settings"]["weights_target"] == (
+        f"{FULLNAME}-learner.{NAMESPACE}.svc:{weights['port']}"
+    )
+    learner = yaml.safe_load(one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["learner.yaml"])["learner"]
+    assert learner["weights"] == {"host": "0.0.0.0", "port": weights["port"]}
+    pod = one(docs, "Job")["spec"]["template"]
+    assert all(pod["metadata"]["labels"][k] == v for k, v in service["spec"]["selector"].items())
+    learner_ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert learner_ports == {"weights": weights["port"], "metrics": learner["metrics_port"]}
+
+
+def test_metrics_ports_match_the_settings(docs):
+    apps = {a["name"]: a for a in serve_config(docs)["applications"]}
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    specs = [cluster["headGroupSpec"]["template"]["spec"]] + [
+        g["template"]["spec"] for g in cluster["workerGroupSpecs"]
+    ]
+    for spec in specs:
+        ports = {p["name"]: p["containerPort"] for p in spec["containers"][0]["ports"]}
+        for name, app in apps.items():
+            assert ports[f"metrics-{name}"] == app["args"]["settings"]["server"]["metrics_port"]
+    if find(docs, "PodMonitor"):
+        endpoints = {e["port"] for e in one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"]}
+        assert endpoints == {"metrics", "metrics-rollout", "metrics-prm", "metrics-verify"}
+        assert all(e["honorLabels"] for e in one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"])
+
+
+# --- the learner ------------------------------------------------------------------------------
+
+
+@functools.cache
+def cli_parser():
+    from puremesh.cli.main import build_parser
+
+    return build_parser()
+
+
+def test_learner_job_runs_puremesh_train_with_the_rendered_config(docs):
+    job = one(docs, "Job")
+    pod = job["spec"]["template"]["spec"]
+    (learner,) = pod["containers"]
+    args = cli_parser().parse_args(learner["args"])
+    assert args.command == "train" and args.resume
+    mounts = {m["name"]: m for m in learner["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert args.config == f"{mounts['config']['mountPath']}/learner.yaml"
+    assert volumes["config"]["configMap"]["name"] == f"{FULLNAME}-config"
+    claim = one(docs, "PersistentVolumeClaim")
+    assert volumes["workspace"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    settings = yaml.safe_load(one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["learner.yaml"])["learner"]
+    assert Path(settings["out_dir"]).is_relative_to(mounts["workspace"]["mountPath"])
+    target = f"{SERVE_SVC}.{NAMESPACE}.svc:9000"
+    assert settings["endpoints"] == {
+        "rollout": [target],
+        "prm": [target],
+        "verify": [target],
+        "applications": {"rollout": "rollout", "prm": "prm", "verify": "verify"},
+    }
+    assert job["spec"]["template"]["metadata"]["labels"]["puremesh.io/rpc-client"] == "true"
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_learner_job_is_replaced_when_its_pod_changes():
+    def job_name(*sets: str) -> str:
+        return one(render((), sets), "Job")["metadata"]["name"]
+
+    assert job_name() == job_name()
+    assert job_name("learner.settings.steps=7") != job_name()
+    assert job_name("image.tag=other") != job_name()
+    assert job_name("monitoring.podMonitor.enabled=false") == job_name()
+
+
+def test_credentials_come_from_the_existing_secret():
+    docs = render((), ("credentials.existingSecret=creds", "storage.models.existingClaim=models"))
+    for where, spec in pod_specs(docs):
+        if "test" in where:
+            continue
+        main = spec["containers"][0]
+        (token,) = [e for e in main["env"] if e["name"] == "HF_TOKEN"]
+        assert token["valueFrom"]["secretKeyRef"] == {"name": "creds", "key": "hf-token", "optional": True}
+        mounts = {m["name"]: m for m in main["volumeMounts"]}
+        assert mounts["models"]["readOnly"] and mounts["models"]["mountPath"] == "/models"
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "models"
+    assert not [d for d in docs if d["kind"] == "Secret"], "the chart never creates a Secret"
+
+
+# --- helm test --------------------------------------------------------------------------------
+
+
+def test_helm_test_probes_each_application_through_the_serve_service(docs):
+    pods = [d for d in docs if d["kind"] == "Pod"]
+    assert len(pods) == 3
+    probed = set()
+    for pod in pods:
+        assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+        assert pod["metadata"]["labels"]["puremesh.io/rpc-client"] == "true"
+        (container,) = pod["spec"]["containers"]
+        args = container["args"]
+        assert args[0] == "probe"
+        assert args[args.index("--target") + 1] == f"{SERVE_SVC}.{NAMESPACE}.svc:9000"
+        service = args[args.index("--service") + 1]
+        assert args[args.index("--application") + 1] == service
+        probed.add(service)
+        assert cli_parser().parse_args(args).command == "probe"
+    assert probed == set(APPS)
+
+
+# --- security ---------------------------------------------------------------------------------
+
+
+def test_every_pod_and_container_is_locked_down(docs):
+    specs = list(pod_specs(docs))
+    assert len(specs) >= 6
+    for where, spec in specs:
+        security = spec["securityContext"]
+        assert security["runAsNonRoot"] is True, where
+        assert security["runAsUser"] != 0, where
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        for container in containers(spec):
+            context = container["securityContext"]
+            name = f"{where} {container['name']}"
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["capabilities"]["drop"] == ["ALL"], name
+            assert context["readOnlyRootFilesystem"] is True, name
+            # a read-only root needs somewhere to write: Ray's session dir, caches, HOME
+            assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}, name
+    autoscaler = one(docs, "RayService")["spec"]["rayClusterConfig"].get("autoscalerOptions")
+    if autoscaler:
+        assert autoscaler["securityContext"]["readOnlyRootFilesystem"] is True
+        assert autoscaler["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_only_the_head_mounts_a_service_account_token(case, docs):
+    for where, spec in pod_specs(docs):
+        mounted = spec["automountServiceAccountToken"]
+        # KubeRay's in-tree autoscaler runs beside the head and talks to the Kubernetes API
+        assert mounted == (where.endswith(" head") and case != "cpu-only"), where
+
+
+def test_network_policies_admit_only_the_intended_callers(docs):
+    selector = {"app.kubernetes.io/name": "puremesh", "app.kubernetes.io/instance": RELEASE}
+    monitoring = {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    ray = one(docs, "NetworkPolicy", f"{FULLNAME}-ray")["spec"]
+    assert ray["podSelector"]["matchLabels"] == {**selector, "app.kubernetes.io/component": "ray"}
+    assert ray["policyTypes"] == ["Ingress"]
+    rules = ray["ingress"]
+    # all ports among the Ray pods themselves (Ray's own traffic) and nothing else unrestricted
+    unrestricted = [r for r in rules if "ports" not in r]
+    assert unrestricted == [
+        {"from": [{"podSelector": {"matchLabels": {**selector, "app.kubernetes.io/component": "ray"}}}]}
+    ]
+    grpc = [r for r in rules if {"port": 9000, "protocol": "TCP"} in r.get("ports", [])]
+    assert grpc == [
+        {
+            "from": [{"podSelector": {"matchLabels": {**selector, "puremesh.io/rpc-client": "true"}}}],
+            "ports": [{"port": 9000, "protocol": "TCP"}],
+        }
+    ]
+    clients = [
+        f"{d['kind']}/{d['metadata']['name']}"
+        for d in docs
+        if d["kind"] in ("Job", "Pod")
+        and (d["spec"].get("template", d)["metadata"]["labels"].get("puremesh.io/rpc-client") == "true")
+    ]
+    assert len(clients) == 4  # the learner and the three helm test pods
+    (metrics,) = [r for r in rules if r["from"] == [{"namespaceSelector": monitoring}]]
+    head = one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    metric_ports = {
+        p["containerPort"] for p in head["containers"][0]["ports"] if p["name"].startswith("metrics")
+    }
+    assert {p["port"] for p in metrics["ports"]} == metric_ports
+    learner = one(docs, "NetworkPolicy", f"{FULLNAME}-learner")["spec"]
+    assert learner["ingress"] == [
+        {
+            "from": [{"podSelector": {"matchLabels": {**selector, "app.kubernetes.io/component": "ray"}}}],
+            "ports": [{"port": 50060, "protocol": "TCP"}],
+        },
+        {"from": [{"namespaceSelector": monitoring}], "ports": [{"port": 9100, "protocol": "TCP"}]},
+    ]
+
+
+def test_monitoring_namespace_is_configurable():
+    docs = render((), ("networkPolicy.monitoringNamespaceSelector.matchLabels.team=observability",))
+    for policy in find(docs, "NetworkPolicy"):
+        selectors = [
+            f["namespaceSelector"]
+            for r in policy["spec"]["ingress"]
+            for f in r["from"]
+            if "podSelector" not in f
+        ]
+        assert {"kubernetes.io/metadata.name": "monitoring", "team": "observability"} in [
+            s["matchLabels"] for s in selectors
+        ]
+    assert not find(render((), ("networkPolicy.enabled=false",)), "NetworkPolicy")
+
+
+# --- monitoring objects -----------------------------------------------------------------------
+
+
+def test_dashboard_ships_as_a_grafana_sidecar_config_map(case, docs):
+    if case == "monitoring-off":
+        assert not find(docs, "ConfigMap", f"{FULLNAME}-dashboard")
+        return
+    config_map = one(docs, "ConfigMap", f"{FULLNAME}-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (data,) = config_map["data"].values()
+    dashboard = json.loads(data)
+    assert dashboard == json.loads((CHART / "dashboards" / "puremesh.json").read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    assert panels and all(p["targets"] and all(t["expr"] for t in p["targets"]) for p in panels)
+
+
+def test_monitoring_objects_select_the_chart_pods(case, docs):
+    if case == "monitoring-off":
+        assert not [d for d in docs if d["kind"] in MONITORING_KINDS]
+        return
+    service_monitor = one(docs, "ServiceMonitor")["spec"]
+    service = one(docs, "Service", f"{FULLNAME}-learner")
+    assert service_monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert [e["port"] for e in service_monitor["endpoints"]] == ["metrics"]
+    # the metrics' own `service` label (the gRPC service) must win over the target label
+    assert service_monitor["endpoints"][0]["honorLabels"] is True
+    pod_monitor = one(docs, "PodMonitor")["spec"]
+    head = one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    assert pod_monitor["selector"]["matchLabels"].items() <= head["metadata"]["labels"].items()
+    if case == "gpu-cluster":
+        for kind in MONITORING_KINDS:
+            assert one(docs, kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_dashboard_shows_every_learner_metric():
+    """Each reward-hacking sign of pure-algorithm.md section 7 that the learner exports has a panel."""
+    from puremesh.trainer import metrics
+
+    dashboard = json.loads((CHART / "dashboards" / "puremesh.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    learner = [gauge._name for gauge in metrics.STAT_GAUGES.values()]
+    learner += [metrics.STEP._name, metrics.PHASE_SECONDS._name, metrics.REPLICA_LAG._name]
+    missing = [name for name in learner if name not in exprs]
+    assert not missing, f"learner metrics without a panel: {missing}"
+
+
+# --- against Ray Serve and the Ray apps -------------------------------------------------------
+
+
+def test_serve_config_passes_ray_serves_own_schema(case, docs):
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(serve_config(docs))
+    assert config.grpc_options.port == 9000
+    assert [a.name for a in config.applications] == [a["name"] for a in serve_config(docs)["applications"]]
+
+
+def test_values_schema_allows_only_ray_serve_options():
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import RayActorOptionsSchema
+
+    definitions = json.loads((CHART / "values.schema.json").read_text())["definitions"]
+    assert set(definitions["serveAutoscaling"]["properties"]) <= set(AutoscalingConfig.model_fields)
+    assert set(definitions["rayActorOptions"]["properties"]) <= set(RayActorOptionsSchema.model_fields)
+
+
+def test_serve_config_matches_the_ray_apps(docs):
+    from puremesh.services.common.ray_serve import APPS as RAY_APPS
+    from puremesh.services.common.ray_serve import GRPC_SERVICER_FUNCTIONS, parse_args
+
+    config = serve_config(docs)
+    assert sorted(config["grpc_options"]["grpc_servicer_functions"]) == sorted(GRPC_SERVICER_FUNCTIONS)
+    for app in config["applications"]:
+        expected = RAY_APPS[app["name"]]
+        assert app["import_path"] == expected.import_path
+        assert app["route_prefix"] == expected.route_prefix
+        assert app["deployments"][0]["name"] == expected.deployment
+        module_name, _, builder = app["import_path"].partition(":")
+        module = importlib.import_module(module_name)
+        assert callable(getattr(module, builder))
+        settings, _ = parse_args(module.SPEC, app["args"])  # what build_app checks at deploy time
+        assert settings == app["args"]["settings"]
