@@ -1,7 +1,9 @@
 """PRM service throughput with concurrent clients, against direct model calls.
 
-Three measurements over the same items (one prompt and one multi-step response each):
+Four measurements over the same items (one prompt and one multi-step response each):
   direct     PrmScorer.score_responses in-process, batched by the same token budget;
+  per call   the same, one call's items (--per-call) per forward pass: the ceiling of what
+             batching can gain in the model itself on this hardware;
   service    `puremesh serve prm` in a subprocess, N concurrent clients, each call one prompt
              group (--per-call items, 4 by default; 1 measures the per-call overhead alone);
   unbatched  the same service with batching off.
@@ -84,6 +86,12 @@ def main() -> None:
         for start in range(0, len(items), batch):
             scorer.score_responses(items[start : start + batch])
         direct = len(items) / (time.perf_counter() - began)
+        # The same model fed one call's items per forward pass: what batching can save at most in
+        # the forward passes themselves (on a CPU the passes are compute-bound early).
+        began = time.perf_counter()
+        for start in range(0, len(items), args.per_call):
+            scorer.score_responses(items[start : start + args.per_call])
+        direct_per_call = len(items) / (time.perf_counter() - began)
         del scorer
 
         env = {
@@ -96,10 +104,15 @@ def main() -> None:
             unbatched = asyncio.run(drive(server.target, items, args.clients, args.per_call))
 
     print(f"direct batched model calls : {direct:8.1f} items/s")
+    print(f"direct, one call per pass  : {direct_per_call:8.1f} items/s")
     print(f"service, batching on       : {batched:8.1f} items/s")
     print(f"service, batching off      : {unbatched:8.1f} items/s")
     print(ratio_line("service / direct", batched, direct, ">= 0.8x"))
     print(ratio_line("batching on / off", batched, unbatched, ">= 3x"))
+    print(
+        f"direct batched / one call per pass: {direct / direct_per_call:6.2f}x   "
+        "(the most batching can gain in the forward passes on this machine)"
+    )
 
 
 if __name__ == "__main__":

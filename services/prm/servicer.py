@@ -133,16 +133,18 @@ class PrmServicer(prm_pb2_grpc.PrmServiceServicer):
                     common_pb2.ERROR_CODE_INTERNAL, f"forward pass failed: {error}"
                 )
             return prm_pb2.ScoreStepsResponse(results=results)
-        decode = self.scorer.tokenizer.decode
+        # Every step's text in one tokenizer call (one crossing into the Rust tokenizer per request).
+        texts = iter(
+            self.scorer.tokenizer.batch_decode(
+                [p.response_ids[start:end] for p in to_score for start, end in p.spans],
+                skip_special_tokens=False,
+                clean_up_tokenization_spaces=False,
+            )
+        )
         for p, step_scores in zip(to_score, scores, strict=True):
             results[p.index] = prm_pb2.ScoreResult(
                 steps=[
-                    prm_pb2.StepScore(
-                        score=score,
-                        token_start=start,
-                        token_end=end,
-                        text=decode(p.response_ids[start:end], skip_special_tokens=False),
-                    )
+                    prm_pb2.StepScore(score=score, token_start=start, token_end=end, text=next(texts))
                     for (start, end), score in zip(p.spans, step_scores, strict=True)
                 ]
             )
