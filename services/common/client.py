@@ -127,3 +127,38 @@ async def check_health(
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         raise RpcError(grpc.StatusCode.UNAVAILABLE, f"{service} is {status}", target)
+
+
+PROBE_TIMEOUT_S = 30.0
+
+
+async def probe_service(
+    channel: grpc.aio.Channel,
+    service: str,
+    light_call: Callable[..., Any],
+    request: Any,
+    *,
+    application: str,
+    timeout: float,
+    retry: RetryPolicy,
+    target: str = "",
+) -> str:
+    """Check that a service answers; a one-line description, or RpcError.
+
+    Standalone: grpc.health.v1 for `service`. Through a Ray Serve proxy, which answers no
+    grpc.health: `light_call(request)` with the `application` metadata, a real call that a replica
+    answers only once it is ready (an empty request, for example).
+    """
+    timeout = min(timeout, PROBE_TIMEOUT_S)
+    if not application:
+        await check_health(channel, service, timeout=timeout, retry=retry, target=target)
+        return "SERVING"
+    await call_unary(
+        light_call,
+        request,
+        timeout=timeout,
+        retry=retry,
+        target=target,
+        metadata=call_metadata(application),
+    )
+    return f"ready ({type(request).__name__.removesuffix('Request')} answered)"

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 
 from puremesh.common.v1 import common_pb2
 from puremesh.prm.v1 import prm_pb2, prm_pb2_grpc
-from puremesh.services.common.client import RetryPolicy, call_metadata, call_unary, check_health, open_channel
+from puremesh.services.common.client import (
+    RetryPolicy,
+    call_metadata,
+    call_unary,
+    open_channel,
+    probe_service,
+)
 
 SERVICE_NAME = "puremesh.prm.v1.PrmService"
 Text = str
@@ -89,21 +95,16 @@ class PrmClient:
         """Check that the service answers; a one-line description, or RpcError. Standalone:
         grpc.health.v1. Through a Ray Serve proxy (which answers no grpc.health): an empty
         ScoreSteps call, which a replica answers only once its PRM is loaded."""
-        timeout = min(self.timeout, 30.0)
-        if not self.application:
-            await check_health(
-                self._channel, SERVICE_NAME, timeout=timeout, retry=self.retry, target=self.target
-            )
-            return "SERVING"
-        await call_unary(
+        return await probe_service(
+            self._channel,
+            SERVICE_NAME,
             self._stub.ScoreSteps,
             prm_pb2.ScoreStepsRequest(),
-            timeout=timeout,
+            application=self.application,
+            timeout=self.timeout,
             retry=self.retry,
             target=self.target,
-            metadata=self._metadata,
         )
-        return "ready (ScoreSteps answered)"
 
     async def close(self) -> None:
         await self._channel.close()

@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from puremesh.services.common.client import RetryPolicy, call_metadata, call_unary, check_health, open_channel
+from puremesh.services.common.client import (
+    RetryPolicy,
+    call_metadata,
+    call_unary,
+    open_channel,
+    probe_service,
+)
 from puremesh.verify.v1 import verify_pb2, verify_pb2_grpc
 
 SERVICE_NAME = "puremesh.verify.v1.VerifyService"
@@ -78,21 +84,16 @@ class VerifyClient:
         """Check that the service answers; a one-line description, or RpcError. Standalone:
         grpc.health.v1. Through a Ray Serve proxy (which answers no grpc.health): an empty
         Verify call, which a replica answers once its grading pool runs."""
-        timeout = min(self.timeout, 30.0)
-        if not self.application:
-            await check_health(
-                self._channel, SERVICE_NAME, timeout=timeout, retry=self.retry, target=self.target
-            )
-            return "SERVING"
-        await call_unary(
+        return await probe_service(
+            self._channel,
+            SERVICE_NAME,
             self._stub.Verify,
             verify_pb2.VerifyRequest(),
-            timeout=timeout,
+            application=self.application,
+            timeout=self.timeout,
             retry=self.retry,
             target=self.target,
-            metadata=self._metadata,
         )
-        return "ready (Verify answered)"
 
     async def close(self) -> None:
         await self._channel.close()
