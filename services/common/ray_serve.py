@@ -13,6 +13,10 @@ Fixed names (deploy/helm's RayService depends on them; do not change):
         puremesh.verify.v1.verify_pb2_grpc.add_VerifyServiceServicer_to_server
     grpc_options.port: 9000 in the chart (any free port for `puremesh up --ray`)
 
+    Ray custom resource of each app (ServeApp.resource): puremesh_rollout, puremesh_prm,
+    puremesh_verify. The chart runs one KubeRay worker group per app, which advertises it; the
+    app's replicas request a little of it (deployment `resources`), so they land only there.
+
 `build_app(args)` takes
     {"settings":   {...},   the same nested dict as the service's settings YAML (RolloutSettings,
                             PrmSettings, VerifySettings); environment variables
@@ -21,7 +25,13 @@ Fixed names (deploy/helm's RayService depends on them; do not change):
                             server.metrics_port is each replica's /metrics port (taken: any free
                             one; null: none).
      "deployment": {...}}   optional: RayDeploymentSettings below (replicas, autoscaling,
-                            num_cpus, num_gpus, ...); defaults per service in its ray_app.
+                            num_cpus, num_gpus, resources, max_replicas_per_node, ...); defaults
+                            per service in its ray_app.
+
+A fixed metrics port works for one replica of an app per Ray node: `max_replicas_per_node: 1`
+guarantees it (the chart's default). Unset (the default, and `puremesh up --ray`, where every
+replica shares one node), a second replica on a node finds the port taken and serves /metrics on a
+free one instead.
 
 Clients name the application with the gRPC metadata key `application` on every call (the
 proxy routes by it; `application=` on the service clients, learner.endpoints.applications).
@@ -72,6 +82,11 @@ class ServeApp:
     def route_prefix(self) -> str:
         return f"/{self.name}"
 
+    @property
+    def resource(self) -> str:
+        """The Ray custom resource the app's own Ray nodes advertise (the chart's worker group)."""
+        return f"puremesh_{self.name}"
+
 
 APPS: dict[str, ServeApp] = {
     "rollout": ServeApp(
@@ -104,6 +119,17 @@ class RayDeploymentSettings(FrozenSettings):
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica (fractions share one)")
     memory_bytes: int | None = Field(None, ge=0, description="memory reserved per replica; None = none")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources reserved per replica, e.g. {puremesh_rollout: 1}: replicas go "
+        "only to nodes that advertise them",
+    )
+    max_replicas_per_node: int | None = Field(
+        None,
+        ge=1,
+        description="replicas of this deployment one Ray node holds at most; None = no limit. 1 keeps "
+        "each replica's fixed metrics port its own",
+    )
     env_vars: dict[str, str] = Field(
         default_factory=dict, description="environment of the replicas, e.g. PUREMESH_ROLLOUT__ENGINE"
     )
@@ -122,6 +148,11 @@ class RayDeploymentSettings(FrozenSettings):
         initial = self.initial_replicas
         if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
             raise ValueError(f"initial_replicas ({initial}) is outside [min_replicas, max_replicas]")
+        for name, amount in self.resources.items():
+            if name in ("CPU", "GPU", "memory"):
+                raise ValueError(f"resources: {name} is set by num_cpus, num_gpus or memory_bytes")
+            if amount < 0:
+                raise ValueError(f"resources: {name} is negative ({amount})")
         return self
 
     def serve_options(self) -> dict[str, Any]:
@@ -129,6 +160,8 @@ class RayDeploymentSettings(FrozenSettings):
         actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if self.memory_bytes is not None:
             actor["memory"] = self.memory_bytes
+        if self.resources:
+            actor["resources"] = dict(self.resources)
         if self.env_vars:
             actor["runtime_env"] = {"env_vars": dict(self.env_vars)}
         autoscaling: dict[str, Any] = {
@@ -140,7 +173,7 @@ class RayDeploymentSettings(FrozenSettings):
         }
         if self.initial_replicas is not None:
             autoscaling["initial_replicas"] = self.initial_replicas
-        return {
+        options: dict[str, Any] = {
             "autoscaling_config": autoscaling,
             "max_ongoing_requests": self.max_ongoing_requests,
             "ray_actor_options": actor,
@@ -148,6 +181,9 @@ class RayDeploymentSettings(FrozenSettings):
             "health_check_timeout_s": self.health_check_timeout_s,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
         }
+        if self.max_replicas_per_node is not None:
+            options["max_replicas_per_node"] = self.max_replicas_per_node
+        return options
 
 
 class AppArgs(FrozenSettings):
@@ -315,10 +351,18 @@ class ServiceReplica:
         try:
             self.host.start_metrics()
         except OSError as error:  # another replica on this node holds the port
+            # Only without max_replicas_per_node: 1 (see the module docstring). A scraper that knows
+            # the fixed port only (the chart's PodMonitor) does not see this replica.
             port = self.host.settings.metrics_port
             self.host.settings = self.host.settings.model_copy(update={"metrics_port": 0})
             self.host.start_metrics()
-            log.warning("metrics port %s: %s; serving /metrics on %s", port, error, self.host.metrics_port)
+            log.warning(
+                "metrics port %s: %s; serving /metrics on %s (set max_replicas_per_node: 1 to keep one "
+                "replica per node on the fixed port)",
+                port,
+                error,
+                self.host.metrics_port,
+            )
 
     def _handler(self, method: str, stream: bool) -> Callable[..., Any]:
         handler = self._handlers.get(method)

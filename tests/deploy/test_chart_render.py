@@ -12,6 +12,7 @@ import functools
 import importlib
 import importlib.util
 import json
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,26 @@ def pod_specs(docs) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def worker_groups(docs) -> dict[str, dict[str, Any]]:
+    """The RayService's worker groups by groupName."""
+    groups = one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    return {g["groupName"]: g for g in groups}
+
+
+def ray_pods(docs) -> dict[str, dict[str, Any]]:
+    """The Ray pod templates by the `ray.io/group` label KubeRay gives their pods (`headgroup` for
+    the head, the groupName for a worker group)."""
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    return {
+        "headgroup": cluster["headGroupSpec"]["template"],
+        **{name: g["template"] for name, g in worker_groups(docs).items()},
+    }
+
+
+def container_ports(template: dict[str, Any]) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
 
 
 # --- helm lint and template -------------------------------------------------------------------
@@ -194,6 +215,13 @@ def test_crd_validation_catches_a_misspelt_field():
         ("monitoring.prometheusRule.rules.jumpWindow=soon", "monitoring.prometheusRule.rules.jumpWindow"),
         ("services.rollout.autoscaling.max_replica=3", "max_replica"),
         ("learnr.enabled=false", "learnr"),
+        ("services.prm.maxReplicasPerNode=0", "services.prm.maxReplicasPerNode"),
+        (
+            "services.verify.workerGroup.rayStartParams.resources=x",
+            "services.verify.workerGroup.rayStartParams",
+        ),
+        ("services.rollout.workerGroup.maxReplica=3", "maxReplica"),
+        ("ray.workerGroups=[]", "workerGroups"),  # the groups are per service now
     ],
 )
 def test_values_schema_rejects_a_bad_value(setting, message):
@@ -232,17 +260,20 @@ def test_serve_config_has_one_application_per_service(case, docs):
         assert 0 < autoscaling["target_ongoing_requests"] <= spec["max_ongoing_requests"]
         assert "num_replicas" not in spec  # Serve refuses it beside autoscaling_config
         assert set(spec["ray_actor_options"]) >= {"num_cpus", "num_gpus"}
+        # placement: only on the app's own worker group, one replica of the app per pod
+        assert spec["ray_actor_options"]["resources"] == {f"puremesh_{name}": 1}
+        assert spec["max_replicas_per_node"] == 1
     gpus = {name: apps[name]["deployments"][0]["ray_actor_options"]["num_gpus"] for name in APPS}
+    group_gpus = {
+        name: "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+        for name, g in worker_groups(docs).items()
+    }
     if case == "gpu-cluster":
         assert gpus["rollout"] >= 1 and gpus["prm"] >= 1 and gpus["verify"] == 0
-        gpu_groups = [
-            g
-            for g in one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-            if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
-        ]
-        assert gpu_groups, "GPU replicas need a worker group with GPUs"
+        assert group_gpus == {"rollout": True, "prm": True, "verify": False}
     else:
         assert set(gpus.values()) == {0}
+        assert not any(group_gpus.values())
 
 
 def test_serve_grpc_ingress_registers_the_generated_servicers(docs):
@@ -295,18 +326,104 @@ def test_rollout_replicas_pull_weights_from_the_learner(docs):
 
 def test_metrics_ports_match_the_settings(docs):
     apps = {a["name"]: a for a in serve_config(docs)["applications"]}
-    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
-    specs = [cluster["headGroupSpec"]["template"]["spec"]] + [
-        g["template"]["spec"] for g in cluster["workerGroupSpecs"]
-    ]
-    for spec in specs:
-        ports = {p["name"]: p["containerPort"] for p in spec["containers"][0]["ports"]}
-        for name, app in apps.items():
-            assert ports[f"metrics-{name}"] == app["args"]["settings"]["server"]["metrics_port"]
-    if find(docs, "PodMonitor"):
-        endpoints = {e["port"] for e in one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"]}
-        assert endpoints == {"metrics", "metrics-rollout", "metrics-prm", "metrics-verify"}
-        assert all(e["honorLabels"] for e in one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"])
+    pods = ray_pods(docs)
+    for group, template in pods.items():
+        ports = container_ports(template)
+        assert ports["metrics"] == 8080  # Ray's own, on every Ray pod
+        # a worker group's pods declare their own service's metrics port only; the head none
+        services = {name for name in ports if name.startswith("metrics-")}
+        assert services == (set() if group == "headgroup" else {f"metrics-{group}"}), group
+    for name, app in apps.items():
+        assert (
+            container_ports(pods[name])[f"metrics-{name}"]
+            == app["args"]["settings"]["server"]["metrics_port"]
+        )
+
+
+def test_one_worker_group_per_service_advertising_its_resource(case, docs):
+    """Each service has its own worker group, whose pods advertise the custom resource its
+    replicas request, read the way KubeRay's autoscaler reads it: only that group's pods (never
+    the head) fit a replica, and the group can grow to the application's max_replicas."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    from puremesh.services.common.ray_serve import APPS as RAY_APPS
+
+    rayservice = one(docs, "RayService")
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    groups = worker_groups(docs)
+    assert list(groups) == list(APPS)
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # proxy and controller only
+    for name, group in groups.items():
+        param = group["rayStartParams"]["resources"]
+        expected = {f"puremesh_{name}": 100}
+        # KubeRay's getResourcesMap (pod.go; it adds GPUs and accelerators to the same JSON) trims
+        # quotes and spaces, then parses JSON
+        assert json.loads(param.strip("'\"` ")) == expected
+        # KubeRay runs `ray start ... --resources=<param> ...` through bash
+        (flag,) = shlex.split(f"--resources={param}")
+        assert json.loads(flag.removeprefix("--resources=")) == expected
+        assert group["rayStartParams"]["metrics-export-port"] == "8080"
+    ray_cr = {"metadata": {"name": FULLNAME, "namespace": NAMESPACE}, "spec": cluster}
+    node_types = _derive_autoscaling_config_from_ray_cr(ray_cr)["available_node_types"]
+    assert set(node_types) == {"headgroup", *APPS}
+    assert node_types["headgroup"]["resources"]["CPU"] == 0
+    apps = {a["name"]: a["deployments"][0] for a in serve_config(docs)["applications"]}
+    for name, deployment in apps.items():
+        actor = deployment["ray_actor_options"]
+        demand = {"CPU": actor["num_cpus"], "GPU": actor["num_gpus"], **actor["resources"]}
+        demand = {k: v for k, v in demand.items() if v}
+        fits = {
+            node: spec["resources"]
+            for node, spec in node_types.items()
+            if all(spec["resources"].get(k, 0) >= v for k, v in demand.items())
+        }
+        assert list(fits) == [name], f"a {name} replica ({demand}) fits on {list(fits)}"
+        assert RAY_APPS[name].resource in fits[name]
+        scaling = deployment["autoscaling_config"]
+        group = groups[name]
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        assert node_types[name]["max_workers"] == group["maxReplicas"]
+        pods = group["maxReplicas"] if cluster["enableInTreeAutoscaling"] else group["replicas"]
+        assert pods * deployment["max_replicas_per_node"] >= scaling["max_replicas"], name
+
+
+@pytest.mark.parametrize(
+    ("values", "sets", "message"),
+    [
+        (
+            (),
+            ("services.rollout.autoscaling.max_replicas=8",),
+            "services.rollout: autoscaling.max_replicas is 8, but its worker group holds at most "
+            "workerGroup.maxReplicas (4) x maxReplicasPerNode (1) = 4 replica(s); raise "
+            "services.rollout.workerGroup.maxReplicas to at least 8",
+        ),
+        (
+            ("gpu-cluster",),
+            ("services.prm.workerGroup.maxReplicas=1", "services.prm.workerGroup.replicas=1"),
+            "raise services.prm.workerGroup.maxReplicas to at least 2",
+        ),
+        (
+            ("cpu-only",),
+            ("services.verify.autoscaling.max_replicas=3",),
+            "without the autoscaler (ray.autoscaler.enabled: false) its worker group runs "
+            "workerGroup.replicas (1) pods",
+        ),
+        (
+            (),
+            ("services.verify.workerGroup.minReplicas=5",),
+            "services.verify.workerGroup: minReplicas (5) exceeds maxReplicas (4)",
+        ),
+    ],
+    ids=["max-replicas", "gpu-prm", "no-autoscaler", "min-above-max"],
+)
+def test_a_worker_group_too_small_for_its_application_fails_the_render(values, sets, message):
+    files = tuple(path for case in values for path in CASES[case])
+    result = helm(*template_args(files, sets), check=False)
+    assert result.returncode != 0, f"--set {sets} was accepted"
+    assert message in result.stderr, result.stderr
+    # raising both together is the documented way to scale
+    scaled = ("services.rollout.autoscaling.max_replicas=8", "services.rollout.workerGroup.maxReplicas=8")
+    assert worker_groups(render((), scaled))["rollout"]["maxReplicas"] == 8
 
 
 # --- the learner ------------------------------------------------------------------------------
@@ -449,16 +566,22 @@ def test_network_policies_admit_only_the_intended_callers(docs):
         and (d["spec"].get("template", d)["metadata"]["labels"].get("puremesh.io/rpc-client") == "true")
     ]
     assert len(clients) == 4  # the learner and the three helm test pods
+    # the metrics ports by name: each Ray pod admits scrapes on the metrics ports it declares
     (metrics,) = [r for r in rules if r["from"] == [{"namespaceSelector": monitoring}]]
-    head = one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
     metric_ports = {
-        p["containerPort"] for p in head["containers"][0]["ports"] if p["name"].startswith("metrics")
+        name
+        for template in ray_pods(docs).values()
+        for name in container_ports(template)
+        if "metrics" in name
     }
+    assert metric_ports == {"metrics", "metrics-rollout", "metrics-prm", "metrics-verify"}
     assert {p["port"] for p in metrics["ports"]} == metric_ports
     learner = one(docs, "NetworkPolicy", f"{FULLNAME}-learner")["spec"]
+    # the WeightService only from the rollout group's pods (KubeRay's ray.io/group label)
+    rollout_pods = {**selector, "app.kubernetes.io/component": "ray", "ray.io/group": "rollout"}
     assert learner["ingress"] == [
         {
-            "from": [{"podSelector": {"matchLabels": {**selector, "app.kubernetes.io/component": "ray"}}}],
+            "from": [{"podSelector": {"matchLabels": rollout_pods}}],
             "ports": [{"port": 50060, "protocol": "TCP"}],
         },
         {"from": [{"namespaceSelector": monitoring}], "ports": [{"port": 9100, "protocol": "TCP"}]},
@@ -508,11 +631,41 @@ def test_monitoring_objects_select_the_chart_pods(case, docs):
     # the metrics' own `service` label (the gRPC service) must win over the target label
     assert service_monitor["endpoints"][0]["honorLabels"] is True
     pod_monitor = one(docs, "PodMonitor")["spec"]
-    head = one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
-    assert pod_monitor["selector"]["matchLabels"].items() <= head["metadata"]["labels"].items()
+    for template in ray_pods(docs).values():
+        assert pod_monitor["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
     if case == "gpu-cluster":
         for kind in MONITORING_KINDS:
             assert one(docs, kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def scrape_targets(endpoint: dict[str, Any], group: str, template: dict[str, Any]) -> bool:
+    """Whether a PodMonitor endpoint makes a target of a Ray pod, as prometheus-operator's scrape
+    config does: the pod declares the endpoint's port name, and every `keep` relabeling matches."""
+    if endpoint["port"] not in container_ports(template):
+        return False
+    meta = {"__meta_kubernetes_pod_label_ray_io_group": group}  # KubeRay's label ray.io/group
+    for rule in endpoint.get("relabelings", []):
+        assert rule["action"] == "keep" and rule["sourceLabels"][0] in meta, rule
+        if meta[rule["sourceLabels"][0]] != rule["regex"]:
+            return False
+    return True
+
+
+def test_pod_monitor_scrapes_each_application_on_its_own_group_only(case, docs):
+    if case == "monitoring-off":
+        return
+    endpoints = one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    assert {e["port"] for e in endpoints} == {"metrics", "metrics-rollout", "metrics-prm", "metrics-verify"}
+    assert all(e["honorLabels"] for e in endpoints)
+    for group, template in ray_pods(docs).items():
+        targets = {e["port"] for e in endpoints if scrape_targets(e, group, template)}
+        # Ray's metrics everywhere, the application's where its replicas run: no target without one
+        assert targets == ({"metrics"} if group == "headgroup" else {"metrics", f"metrics-{group}"}), group
+    for endpoint in endpoints:
+        if endpoint["port"] != "metrics":  # selected by group, not only by the port's name
+            (keep,) = endpoint["relabelings"]
+            assert (keep["action"], keep["regex"]) == ("keep", endpoint["port"].removeprefix("metrics-"))
+            assert keep["sourceLabels"] == ["__meta_kubernetes_pod_label_ray_io_group"]
 
 
 def test_dashboard_shows_every_learner_metric():
@@ -558,6 +711,7 @@ def test_serve_config_matches_the_ray_apps(docs):
         assert app["import_path"] == expected.import_path
         assert app["route_prefix"] == expected.route_prefix
         assert app["deployments"][0]["name"] == expected.deployment
+        assert set(app["deployments"][0]["ray_actor_options"]["resources"]) == {expected.resource}
         module_name, _, builder = app["import_path"].partition(":")
         module = importlib.import_module(module_name)
         assert callable(getattr(module, builder))

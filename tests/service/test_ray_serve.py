@@ -69,6 +69,7 @@ def test_fixed_names_resolve():
         ray_app = importlib.import_module(module)
         assert callable(ray_app.build_app)
         assert getattr(ray_app, app.deployment).spec.app is app
+        assert app.resource == f"puremesh_{name}"  # the chart's worker group of the app advertises it
     for path in GRPC_SERVICER_FUNCTIONS:
         module, _, function = path.rpartition(".")
         assert callable(getattr(importlib.import_module(module), function))
@@ -104,6 +105,18 @@ def test_deployment_settings_defaults_limits_and_serve_options():
         "num_gpus": 0.5,
         "runtime_env": {"env_vars": {"A": "1"}},
     }
+    # unset: no custom resources, no per-node cap (`puremesh up --ray` runs everything on one node)
+    assert default.max_replicas_per_node is None and default.resources == {}
+    assert "max_replicas_per_node" not in options and "resources" not in options["ray_actor_options"]
+    placed = RayDeploymentSettings(max_replicas_per_node=1, resources={"puremesh_prm": 1}).serve_options()
+    assert placed["max_replicas_per_node"] == 1
+    assert placed["ray_actor_options"]["resources"] == {"puremesh_prm": 1}
+    with pytest.raises(ValueError, match="max_replicas_per_node"):
+        RayDeploymentSettings(max_replicas_per_node=0)
+    with pytest.raises(ValueError, match="num_gpus"):
+        RayDeploymentSettings(resources={"GPU": 1})
+    with pytest.raises(ValueError, match="negative"):
+        RayDeploymentSettings(resources={"puremesh_prm": -1})
 
 
 def test_args_are_checked_and_the_environment_overrides_settings(monkeypatch):
@@ -112,6 +125,14 @@ def test_args_are_checked_and_the_environment_overrides_settings(monkeypatch):
     )
     assert settings == {"workers": 2} and deployment.num_cpus == 0
     assert deployment.max_ongoing_requests == 32  # the verify default
+    _, placed = parse_args(
+        VERIFY_SPEC, {"deployment": {"max_replicas_per_node": 1, "resources": {"puremesh_verify": 0.5}}}
+    )
+    assert placed.max_replicas_per_node == 1 and placed.resources == {"puremesh_verify": 0.5}
+    with pytest.raises(SettingsError, match="deployment setting max_replicas_per_node"):
+        parse_args(VERIFY_SPEC, {"deployment": {"max_replicas_per_node": 0}})
+    with pytest.raises(SettingsError, match="deployment setting resources"):
+        parse_args(VERIFY_SPEC, {"deployment": {"resources": {"puremesh_verify": "lots"}}})
     with pytest.raises(SettingsError, match="setting"):
         parse_args(VERIFY_SPEC, {"settings": {"workers": 0}})
     with pytest.raises(SettingsError, match="wokers"):
@@ -130,7 +151,13 @@ def test_build_app_binds_the_deployment_class_with_its_options():
     app = build_app(
         {
             "settings": {"engine": "hf", "model_path": "/models/policy", "weights_target": "learner:50060"},
-            "deployment": {"min_replicas": 2, "max_replicas": 6, "num_gpus": 1},
+            "deployment": {
+                "min_replicas": 2,
+                "max_replicas": 6,
+                "num_gpus": 1,
+                "max_replicas_per_node": 1,
+                "resources": {APPS["rollout"].resource: 1},
+            },
         }
     )
     deployment = app._bound_deployment
@@ -141,6 +168,8 @@ def test_build_app_binds_the_deployment_class_with_its_options():
     scaling = deployment._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (2, 6, 16)
     assert deployment.ray_actor_options["num_gpus"] == 1
+    assert deployment.ray_actor_options["resources"] == {"puremesh_rollout": 1}
+    assert deployment._replica_config.max_replicas_per_node == 1
     assert deployment.max_ongoing_requests == 64
 
 

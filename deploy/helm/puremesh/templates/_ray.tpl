@@ -1,6 +1,8 @@
 {{/*
 The pod template of a Ray head or worker group.
-Call with (dict "root" $ "group" <head or worker group values> "container" <name> "head" <bool>).
+Call with (dict "root" $ "group" <head or worker group values> "container" <name> "head" <bool>
+"service" <the worker group's service; empty for the head>). A worker group's pods declare their
+service's metrics port only: its replicas are the only ones there (see puremesh.rayWorkerGroups).
 */}}
 {{- define "puremesh.rayPodTemplate" -}}
 {{- $root := .root }}
@@ -40,9 +42,9 @@ spec:
           containerPort: {{ $values.ray.grpcPort }}
         - name: metrics
           containerPort: {{ $values.ray.metricsPort }}
-        {{- range $name := list "rollout" "prm" "verify" }}
-        - name: metrics-{{ $name }}
-          containerPort: {{ (index $values.services $name).metricsPort }}
+        {{- with .service }}
+        - name: metrics-{{ . }}
+          containerPort: {{ (index $values.services .).metricsPort }}
         {{- end }}
       env:
         {{- include "puremesh.commonEnv" $root | nindent 8 }}
@@ -80,4 +82,69 @@ spec:
   affinity:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+{{- end }}
+
+{{/*
+The Ray custom resource a service's worker group advertises and its replicas request (the Python
+side: services/common/ray_serve.py ServeApp.resource).
+*/}}
+{{- define "puremesh.rayResource" -}}
+puremesh_{{ . }}
+{{- end }}
+
+{{/*
+Placement: one worker group per service, named after it. Its pods advertise
+{puremesh_<svc>: 100} through rayStartParams `resources`, as single-quoted JSON
+('{"puremesh_rollout":100}'): the form KubeRay itself writes and parses (when it adds GPUs and
+accelerators; it cannot parse the older backslash-escaped form of its samples), that `ray start`
+receives through bash, and that Ray's autoscaler reads. Each replica of the service requests 1 of
+it, and at most maxReplicasPerNode replicas of the application share a pod.
+*/}}
+{{- define "puremesh.rayWorkerGroups" -}}
+{{- $root := . }}
+{{- range $name := list "rollout" "prm" "verify" }}
+{{- $group := (index $root.Values.services $name).workerGroup }}
+{{- $resources := printf "'%s'" (dict (include "puremesh.rayResource" $name) 100 | toJson) }}
+{{- $params := merge (dict "metrics-export-port" ($root.Values.ray.metricsPort | toString) "resources" $resources) (deepCopy ($group.rayStartParams | default dict)) }}
+- groupName: {{ $name }}
+  replicas: {{ $group.replicas }}
+  minReplicas: {{ $group.minReplicas }}
+  maxReplicas: {{ $group.maxReplicas }}
+  rayStartParams:
+    {{- toYaml $params | nindent 4 }}
+  template:
+    {{- include "puremesh.rayPodTemplate" (dict "root" $root "group" $group "container" "ray-worker" "head" false "service" $name) | nindent 4 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Fails the render when a service's worker group cannot hold its application: Serve autoscaling up
+to autoscaling.max_replicas needs max_replicas / maxReplicasPerNode pods of the group (maxReplicas
+with the autoscaler, replicas without it). The values schema cannot compare two values.
+*/}}
+{{- define "puremesh.checkPlacement" -}}
+{{- $root := . }}
+{{- range $name := list "rollout" "prm" "verify" }}
+{{- $svc := index $root.Values.services $name }}
+{{- $group := $svc.workerGroup }}
+{{- $min := int $group.minReplicas }}
+{{- $max := int $group.maxReplicas }}
+{{- $replicas := int $group.replicas }}
+{{- if gt $min $max }}
+{{- fail (printf "services.%s.workerGroup: minReplicas (%d) exceeds maxReplicas (%d)" $name $min $max) }}
+{{- end }}
+{{- if or (lt $replicas $min) (gt $replicas $max) }}
+{{- fail (printf "services.%s.workerGroup: replicas (%d) is outside [minReplicas, maxReplicas] = [%d, %d]" $name $replicas $min $max) }}
+{{- end }}
+{{- $perNode := int $svc.maxReplicasPerNode }}
+{{- $appMax := int $svc.autoscaling.max_replicas }}
+{{- $needed := div (add $appMax (sub $perNode 1)) $perNode }}
+{{- if $root.Values.ray.autoscaler.enabled }}
+{{- if lt $max $needed }}
+{{- fail (printf "services.%s: autoscaling.max_replicas is %d, but its worker group holds at most workerGroup.maxReplicas (%d) x maxReplicasPerNode (%d) = %d replica(s); raise services.%s.workerGroup.maxReplicas to at least %d (scale the application and its worker group together)" $name $appMax $max $perNode (mul $max $perNode) $name $needed) }}
+{{- end }}
+{{- else if lt $replicas $needed }}
+{{- fail (printf "services.%s: autoscaling.max_replicas is %d, but without the autoscaler (ray.autoscaler.enabled: false) its worker group runs workerGroup.replicas (%d) pods x maxReplicasPerNode (%d) = %d replica(s); raise services.%s.workerGroup.replicas (and maxReplicas) to at least %d, or lower autoscaling.max_replicas" $name $appMax $replicas $perNode (mul $replicas $perNode) $name $needed) }}
+{{- end }}
+{{- end }}
 {{- end }}
