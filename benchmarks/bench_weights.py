@@ -1,20 +1,25 @@
 """Weight sync throughput: the learner's WeightService fanning one version out to 1, 2 and 4
 replicas, against a raw loopback TCP copy of the same bytes.
 
-weights  the learner (WeightPublisher + WeightServicer in a ServiceHost) in this process; each
-         subscriber is a separate process (as replicas are) that watches WatchVersions and, on
-         each announcement, downloads the version with the rollout side's WeightFetcher: every
-         chunk checked (SHA-256), the whole version checked, the tensors rebuilt (no engine).
+weights  the learner (WeightPublisher with its bulk data plane + WeightServicer in a
+         ServiceHost) in this process; each subscriber is a separate process (as replicas are)
+         that watches WatchVersions and, on each announcement, downloads the version with the
+         rollout side's WeightFetcher and rebuilds the tensors (no engine), along one path:
+           bulk  the default: DescribeVersion, then the bytes over the bulk TCP port straight
+                 into the buffer, every chunk's CRC-32 checked on a second thread as it arrives;
+           grpc  the FetchWeights chunk stream (bulk=False): every chunk received through gRPC,
+                 copied, the whole version's SHA-256 checked.
 raw      a socket server thread in this process sends the same buffer to each client process,
          which reads it into a preallocated buffer (recv_into): no checksums, no framing.
 
-Printed per fan-out: per-subscriber MB/s (median over rounds, each subscriber timed from its
-announcement to its rebuilt tensors), the ratio to raw per-client MB/s at the same fan-out
-(target >= 0.5x), and the learner's publish-side time: publish() (snapshot and checksums) and
-publish-to-every-replica-done. Serving to N replicas grows less than linearly when the
-N-replica time is below N times the 1-replica time.
+Printed per fan-out and path: per-subscriber MB/s (median over rounds, each subscriber timed
+from its announcement to its rebuilt tensors), the ratio to raw per-client MB/s at the same
+fan-out (target >= 0.5x for the default path, bulk), and the learner's publish-side time:
+publish() (snapshot and checksums) and publish-to-every-replica-done. Serving to N replicas
+grows less than linearly when the N-replica time is below N times the 1-replica time.
 
     .venv/bin/python benchmarks/bench_weights.py [--mb 64] [--fanouts 1,2,4] [--rounds 3]
+                                                 [--paths bulk,grpc]
 """
 
 from __future__ import annotations
@@ -54,14 +59,14 @@ def state_dict(megabytes: float, dtype: str):
 # ---------------------------------------------------------------------------- subscribers
 
 
-def subscriber_process(index: int, target: str, rounds: int, ready, results) -> None:
-    asyncio.run(_subscriber(index, target, rounds, ready, results))
+def subscriber_process(index: int, target: str, rounds: int, bulk: bool, ready, results) -> None:
+    asyncio.run(_subscriber(index, target, rounds, bulk, ready, results))
 
 
-async def _subscriber(index: int, target: str, rounds: int, ready, results) -> None:
-    from puremesh.services.rollout.weight_sync import Announcement, WeightFetcher
+async def _subscriber(index: int, target: str, rounds: int, bulk: bool, ready, results) -> None:
+    from puremesh.services.rollout.weight_sync import BULK_FALLBACKS, Announcement, WeightFetcher
 
-    async with WeightFetcher(target, f"bench-{index}") as fetcher:
+    async with WeightFetcher(target, f"bench-{index}", bulk=bulk) as fetcher:
         stream = fetcher.watch(0)
         await stream.initial_metadata()
         ready.put(index)
@@ -75,9 +80,12 @@ async def _subscriber(index: int, target: str, rounds: int, ready, results) -> N
             del tensors
             fetcher.recycle(fetched)  # as WeightSubscriber does once the engine copied the tensors
         stream.cancel()
+    fallbacks = sum(sample.value for metric in BULK_FALLBACKS.collect() for sample in metric.samples)
+    if fallbacks:
+        raise RuntimeError(f"subscriber {index}: {fallbacks:.0f} bulk downloads fell back to FetchWeights")
 
 
-async def run_weights(tensors, fanout: int, rounds: int, chunk_bytes: int) -> dict:
+async def run_weights(tensors, fanout: int, rounds: int, chunk_bytes: int, bulk: bool) -> dict:
     from puremesh.services.common.server import ServiceDefinition, ServiceHost
     from puremesh.services.common.settings import ServerSettings
     from puremesh.trainer.weights import (
@@ -87,7 +95,7 @@ async def run_weights(tensors, fanout: int, rounds: int, chunk_bytes: int) -> di
         add_weight_service_to_server,
     )
 
-    publisher = WeightPublisher(retain=2, chunk_bytes=chunk_bytes)
+    publisher = WeightPublisher(retain=2, chunk_bytes=chunk_bytes, bulk_host="127.0.0.1")
     definition = ServiceDefinition(
         "weights", SERVICE_NAME, WeightServicer(publisher), add_weight_service_to_server
     )
@@ -96,7 +104,7 @@ async def run_weights(tensors, fanout: int, rounds: int, chunk_bytes: int) -> di
     context = mp.get_context("spawn")
     ready, results = context.Queue(), context.Queue()
     workers = [
-        context.Process(target=subscriber_process, args=(i, host.target, rounds, ready, results))
+        context.Process(target=subscriber_process, args=(i, host.target, rounds, bulk, ready, results))
         for i in range(fanout)
     ]
     for worker in workers:
@@ -120,6 +128,8 @@ async def run_weights(tensors, fanout: int, rounds: int, chunk_bytes: int) -> di
             fetch_cpu.append(cpu * 1e3 / (size / MB))
     for worker in workers:
         worker.join(60)
+        if worker.exitcode:
+            raise RuntimeError(f"a subscriber exited with {worker.exitcode}")
     publisher.close()
     await host.drain(grace=1)
     return {
@@ -205,7 +215,13 @@ def main() -> None:
     parser.add_argument(
         "--chunk-kb", type=int, default=DEFAULT_CHUNK_BYTES >> 10, help="publisher chunk size"
     )
+    parser.add_argument(
+        "--paths", default="bulk,grpc", help="subscriber paths to measure: bulk (the default), grpc"
+    )
     args = parser.parse_args()
+    paths = [path for path in args.paths.split(",") if path]
+    if not paths or set(paths) - {"bulk", "grpc"}:
+        parser.error("--paths takes bulk and/or grpc")
 
     import torch
 
@@ -218,27 +234,31 @@ def main() -> None:
         f"chunk {args.chunk_kb} KiB; {args.rounds} rounds per fan-out"
     )
     print(
-        f"{'':>7} {'per-client MB/s':^24} {'':>6} {'learner seconds':^30} {'':>6} "
-        f"{'CPU ms per MB':^26}\n"
-        f"{'fan-out':>7} {'raw':>9} {'weights':>14} {'ratio':>6} {'publish()':>10} "
+        f"{'':>12} {'per-client MB/s':^23} {'':>6} {'learner seconds':^30} {'':>6} "
+        f"{'CPU ms per MB':^24}\n"
+        f"{'fan-out':>7} {'path':>4} {'raw':>8} {'subscriber':>14} {'ratio':>6} {'publish()':>10} "
         f"{'publish->all done':>19} {'growth':>6} {'raw':>6} {'subscr.':>8} {'learner':>8}"
     )
-    base_total = None
+    base_total: dict[str, float] = {}
     for fanout in fanouts:
         raw, raw_cpu = run_raw(data, fanout, args.rounds)
-        measured = asyncio.run(run_weights(tensors, fanout, args.rounds, args.chunk_kb << 10))
-        base_total = base_total or measured["total"] / fanouts[0]
-        growth = measured["total"] / base_total
-        print(
-            f"{fanout:>7} {raw:>9.0f} {measured['rate']:>14.0f} {measured['rate'] / raw:>5.2f}x "
-            f"{measured['publish']:>10.3f} {measured['total']:>19.3f} {growth:>5.2f}x "
-            f"{raw_cpu:>6.2f} {measured['fetch_cpu']:>8.2f} {measured['serve_cpu']:>8.2f}"
-        )
+        for path in paths:
+            measured = asyncio.run(
+                run_weights(tensors, fanout, args.rounds, args.chunk_kb << 10, path == "bulk")
+            )
+            base_total.setdefault(path, measured["total"] / fanouts[0])
+            growth, rate = measured["total"] / base_total[path], measured["rate"]
+            print(
+                f"{fanout:>7} {path:>4} {raw:>8.0f} {rate:>14.0f} {rate / raw:>5.2f}x "
+                f"{measured['publish']:>10.3f} {measured['total']:>19.3f} {growth:>5.2f}x "
+                f"{raw_cpu:>6.2f} {measured['fetch_cpu']:>8.2f} {measured['serve_cpu']:>8.2f}",
+                flush=True,
+            )
     print(
-        "ratio: weights / raw per-client MB/s at the same fan-out (target >= 0.5x); growth: "
-        "publish->all done relative to one replica (less than linear: growth < fan-out)\n"
-        "CPU ms per MB: process CPU time, all threads, per MB received by a raw client or a "
-        "subscriber, and per MB sent by the learner (serving only, publish() excluded)"
+        "ratio: subscriber / raw per-client MB/s at the same fan-out (target >= 0.5x on the default "
+        "path, bulk);\ngrowth: publish->all done relative to one replica on the same path (less than "
+        "linear: growth < fan-out)\nCPU ms per MB: process CPU time, all threads, per MB received by a "
+        "raw client or a subscriber, and per MB sent by the learner (serving only, publish() excluded)"
     )
 
 

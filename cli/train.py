@@ -122,8 +122,14 @@ async def _learn(
     on_step=None,
 ) -> RunResult:
     """Host the WeightService, connect to the services, train."""
+    weights = learner.weights
     publisher = WeightPublisher(
-        retain=learner.weights.retain_versions, chunk_bytes=learner.weights.chunk_bytes
+        retain=weights.retain_versions,
+        chunk_bytes=weights.chunk_bytes,
+        bulk_chunk_bytes=weights.bulk_chunk_bytes,
+        bulk_host=weights.host if weights.bulk else None,
+        bulk_port=weights.bulk_port,
+        bulk_advertise_host=weights.bulk_advertise_host,
     )
     host = ServiceHost(
         [
@@ -138,8 +144,14 @@ async def _learn(
             host=learner.weights.host, port=learner.weights.port, metrics_port=learner.metrics_port
         ),
     )
-    await host.start()
+    try:
+        await host.start()
+    except BaseException:
+        publisher.close()  # stops the bulk data plane's threads
+        raise
     log_settings("learner", learner)
+    if publisher.bulk is not None:
+        log.info("weights: gRPC on %s, bulk data plane on port %d", host.target, publisher.bulk_port)
     try:
         if on_weights_ready is not None:
             learner = await on_weights_ready(host.target, learner)

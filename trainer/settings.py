@@ -62,10 +62,32 @@ class EndpointSettings(_Frozen):
 
 
 class WeightServerSettings(_Frozen):
+    """The learner's WeightService (gRPC control plane) and its bulk data plane (plain TCP)."""
+
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="WeightService port; 0 picks a free one")
     retain_versions: int = Field(2, ge=1)
-    chunk_bytes: int = Field(4 << 20, ge=1024)
+    chunk_bytes: int = Field(4 << 20, ge=1024, description="FetchWeights chunk size")
+    bulk_chunk_bytes: int = Field(
+        1 << 20, ge=1024, description="chunk size of the CRC-32s that check the bulk data plane"
+    )
+    bulk: bool = Field(
+        True,
+        description="also serve the tensor bytes over the bulk data plane (plain TCP on `host`, "
+        "announced to the replicas; FetchWeights stays the fallback)",
+    )
+    bulk_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="bulk data plane port; 0 picks a free one. Fix it when replicas reach the learner "
+        "through a Kubernetes Service, which must expose this same port number",
+    )
+    bulk_advertise_host: str = Field(
+        "",
+        description="host announced for the bulk port; empty = each replica connects to the host of "
+        "its own weights_target (e.g. the learner Service's name)",
+    )
 
 
 class EvalSettings(_Frozen):

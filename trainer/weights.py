@@ -3,9 +3,16 @@
 `WeightPublisher` keeps the newest `retain` versions. `publish` copies the tensors, in the
 given order, into ONE contiguous byte buffer (the layout of weights.proto: each tensor
 C-contiguous, little-endian, concatenated without padding), records the manifest, and computes
-the SHA-256 of the whole buffer and of every chunk at the default chunk size once, so that
-serving a version to N replicas costs no hashing and no copy of the buffer (a chunk is a
-memoryview slice of it). Then it wakes every WatchVersions stream.
+once the SHA-256 of the whole buffer, the SHA-256 of every chunk at the default chunk size and
+the CRC-32 of every bulk chunk (threads: hashlib and zlib release the GIL), so that serving a
+version to N replicas costs no hashing and no copy of the buffer (a chunk is a memoryview slice
+of it). Then it wakes every WatchVersions stream.
+
+Two data paths serve the bytes. FetchWeights (gRPC) streams chunks, each with its SHA-256. The
+bulk data plane (`bulk_host`, trainer/weight_bulk.py) serves byte ranges over plain TCP, with
+no per-chunk framing, zero copy; the announcement names its port and DescribeVersion gives the
+manifest and the chunk CRC-32s the replica checks. Replicas prefer bulk and fall back to
+FetchWeights.
 
 `WeightServicer` is the thin gRPC adapter (WeightService in weights.proto). It cannot use the
 services' domain errors (trainer/ and services/ never import each other), so it aborts with the
@@ -39,7 +46,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -48,8 +55,18 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from puremesh.weights.v1 import weights_pb2, weights_pb2_grpc
 
+from .weight_bulk import BulkServer
+
+try:  # ISA-L's CRC-32: the same values as zlib.crc32, about five times faster
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - a platform without the isal wheel
+    from zlib import crc32
+
 DEFAULT_RETAIN = 2
 DEFAULT_CHUNK_BYTES = 4 << 20
+# Chunks of the bulk data plane's CRC-32s: small enough that checking the last one adds little
+# after the last byte, and that a bad one is cheap to send again.
+DEFAULT_BULK_CHUNK_BYTES = 1 << 20
 DEFAULT_MAX_WATCHERS = 4096
 DEFAULT_MAX_FETCHES = 64
 SERVICE_NAME = "puremesh.weights.v1.WeightService"
@@ -89,6 +106,9 @@ class VersionInfo:
     sha256: str
     chunk_bytes: int
     published_at: float  # time.time()
+    bulk_port: int = 0  # the bulk data plane's port; 0 = none
+    bulk_host: str = ""  # announced bulk host; empty = the host the replica reaches the learner at
+    bulk_chunk_bytes: int = DEFAULT_BULK_CHUNK_BYTES  # chunk size of the CRC-32s
 
 
 @dataclass(frozen=True)
@@ -96,8 +116,9 @@ class ReplicaState:
     """What the learner knows about one rollout replica.
 
     version: the version it reported when it opened WatchVersions, or the last version it
-        fetched in full with FetchWeights, whichever happened last.
-    last_seen: time.time() of its last WatchVersions open/close or FetchWeights.
+        fetched in full (FetchWeights, or the whole range over the bulk data plane), whichever
+        happened last.
+    last_seen: time.time() of its last WatchVersions open/close or full fetch.
     watching: it holds a WatchVersions stream open now.
     """
 
@@ -121,14 +142,18 @@ class StoredVersion:
         manifest: tuple[TensorEntry, ...],
         storage: torch.Tensor,
         chunk_sha256: list[str],
+        chunk_crc32: list[int],
     ) -> None:
         self.info = info
         self.manifest = manifest
         self.storage = storage  # owns the bytes that `data` views
         self.data = memoryview(storage.numpy()).toreadonly()
         self._chunk_sha: dict[int, list[str | None]] = {info.chunk_bytes: list(chunk_sha256)}
+        self.chunk_crc32 = list(chunk_crc32)  # zlib.crc32 of each chunk at info.bulk_chunk_bytes
         self._specs: list[weights_pb2.TensorSpec] | None = None
-        self.readers = 0  # FetchWeights streams using it (WeightPublisher.acquire / release)
+        self._layout: weights_pb2.VersionLayout | None = None
+        # FetchWeights streams and bulk sends using it (WeightPublisher.acquire / release)
+        self.readers = 0
 
     def chunk_range(self, index: int, chunk_bytes: int) -> tuple[int, int]:
         start = index * chunk_bytes
@@ -145,6 +170,19 @@ class StoredVersion:
             start, stop = self.chunk_range(index, chunk_bytes)
             digest = digests[index] = hashlib.sha256(self.data[start:stop]).hexdigest()
         return digest
+
+    def layout(self) -> weights_pb2.VersionLayout:
+        """The DescribeVersion answer: manifest and chunk CRC-32s (built once)."""
+        if self._layout is None:
+            self._layout = weights_pb2.VersionLayout(
+                version=self.info.version,
+                total_bytes=self.info.total_bytes,
+                sha256=self.info.sha256,
+                manifest=self.tensor_specs(),
+                crc32_chunk_bytes=self.info.bulk_chunk_bytes,
+                chunk_crc32=self.chunk_crc32,
+            )
+        return self._layout
 
     def tensor_specs(self) -> list[weights_pb2.TensorSpec]:
         if self._specs is None:
@@ -203,20 +241,38 @@ class WeightPublisher:
             Keep at least 2, so that a replica still fetching version v when v+1 is published
             can finish.
         chunk_bytes: the default (and largest) chunk size of FetchWeights.
-        hash_threads: threads that checksum a new version (hashlib releases the GIL).
+        hash_threads: threads that checksum a new version (hashlib and zlib release the GIL).
+        bulk_chunk_bytes: the chunk size of the CRC-32s that check the bulk data plane (computed
+            at publish whether or not the bulk data plane runs: DescribeVersion serves them).
+        bulk_host: where to serve the bulk data plane (trainer/weight_bulk.py), e.g. the
+            WeightService's host; None = no bulk data plane (replicas use FetchWeights).
+        bulk_port: its port; 0 picks a free one (`bulk_port` property).
+        bulk_advertise_host: the host announced for it; empty = replicas connect to the host
+            they reach the WeightService at (the usual case, also behind a Kubernetes Service).
+        bulk_max_connections: open bulk connections before new ones are refused (UNAVAILABLE).
     """
 
     def __init__(
-        self, retain: int = DEFAULT_RETAIN, chunk_bytes: int = DEFAULT_CHUNK_BYTES, hash_threads: int = 0
+        self,
+        retain: int = DEFAULT_RETAIN,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        hash_threads: int = 0,
+        *,
+        bulk_chunk_bytes: int = DEFAULT_BULK_CHUNK_BYTES,
+        bulk_host: str | None = None,
+        bulk_port: int = 0,
+        bulk_advertise_host: str = "",
+        bulk_max_connections: int = DEFAULT_MAX_FETCHES,
     ) -> None:
         if retain < 1:
             raise ValueError(f"retain must be >= 1, got {retain}")
-        if chunk_bytes < 1:
-            raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+        if chunk_bytes < 1 or bulk_chunk_bytes < 1:
+            raise ValueError(f"chunk sizes must be >= 1, got {chunk_bytes} and {bulk_chunk_bytes}")
         if sys.byteorder != "little":
             raise RuntimeError("the weight layout is little-endian; this host is big-endian")
         self.retain = retain
         self.chunk_bytes = chunk_bytes
+        self.bulk_chunk_bytes = bulk_chunk_bytes
         self._hash_threads = hash_threads or min(4, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.RLock()
@@ -227,8 +283,17 @@ class WeightPublisher:
         self._watching: dict[str, int] = {}
         self._changed = _Broadcast()
         self._closed = False
+        self.bulk_advertise_host = bulk_advertise_host
+        self.bulk: BulkServer | None = None
+        if bulk_host is not None:
+            self.bulk = BulkServer(self, bulk_host, bulk_port, max_connections=bulk_max_connections)
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def bulk_port(self) -> int:
+        """The bulk data plane's port; 0 when there is none."""
+        return self.bulk.port if self.bulk is not None else 0
 
     @property
     def current_version(self) -> int:
@@ -286,6 +351,7 @@ class WeightPublisher:
         from disk, so the first publish is >= 1); ValueError otherwise, or for a bad tensor.
         Blocks while copying and checksumming (tens of ms per 64 MB): from an event loop that
         also serves the WeightService, call it through `asyncio.to_thread`.
+        The version stays fetchable until `retain` newer ones are published.
         """
         if self._closed:
             raise RuntimeError("the publisher is closed")
@@ -299,7 +365,7 @@ class WeightPublisher:
                 storage = torch.empty(total, dtype=torch.uint8)
             _copy_into(storage, manifest, tensors)
             del tensors
-            whole, chunks = self._checksums(memoryview(storage.numpy()), total)
+            whole, chunks, crcs = self._checksums(memoryview(storage.numpy()), total)
             info = VersionInfo(
                 version=int(version),
                 total_bytes=total,
@@ -308,8 +374,11 @@ class WeightPublisher:
                 sha256=whole,
                 chunk_bytes=self.chunk_bytes,
                 published_at=time.time(),
+                bulk_port=self.bulk_port,
+                bulk_host=self.bulk_advertise_host if self.bulk is not None else "",
+                bulk_chunk_bytes=self.bulk_chunk_bytes,
             )
-            stored = StoredVersion(info, manifest, storage, chunks)
+            stored = StoredVersion(info, manifest, storage, chunks, crcs)
             with self._lock:
                 self._check_version(version)
                 self._versions[info.version] = stored
@@ -341,28 +410,36 @@ class WeightPublisher:
                 f"got {version!r}"
             )
 
-    def _checksums(self, data: memoryview, total: int) -> tuple[str, list[str]]:
-        """SHA-256 of the whole buffer (this thread) and of every default-size chunk (the pool),
-        at the same time."""
-        size = self.chunk_bytes
-        count = chunk_count(total, size)
+    def _checksums(self, data: memoryview, total: int) -> tuple[str, list[str], list[int]]:
+        """SHA-256 of the whole buffer (this thread), and SHA-256 of every default-size chunk and
+        CRC-32 of every bulk chunk (the pool), at the same time."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._hash_threads, thread_name_prefix="weights-sha")
+        sha = self._spread(_chunk_sha256, data, self.chunk_bytes, total)
+        crc = self._spread(_chunk_crc32, data, self.bulk_chunk_bytes, total)
+        whole = hashlib.sha256(data).hexdigest()
+        return whole, [d for task in sha for d in task.result()], [d for task in crc for d in task.result()]
+
+    def _spread(self, function, data: memoryview, size: int, total: int) -> list[Future]:
+        """`function` over the chunks of `size`, in one task per pool thread."""
+        assert self._pool is not None
+        count = chunk_count(total, size)
         per_task = max(1, math.ceil(count / self._hash_threads))
-        tasks = [
-            self._pool.submit(_chunk_digests, data, size, first, min(first + per_task, count), total)
+        return [
+            self._pool.submit(function, data, size, first, min(first + per_task, count), total)
             for first in range(0, count, per_task)
         ]
-        whole = hashlib.sha256(data).hexdigest()
-        return whole, [digest for task in tasks for digest in task.result()]
 
     def close(self) -> None:
         """Stop serving: open WatchVersions streams end (UNAVAILABLE, shutting down), FetchWeights
-        calls stop at the next chunk, `wait_*` calls return. Idempotent."""
+        calls stop at the next chunk, the bulk data plane closes its port and connections,
+        `wait_*` calls return. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self._changed.notify()
+        if self.bulk is not None:
+            self.bulk.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
 
@@ -432,10 +509,14 @@ class WeightPublisher:
             raise TimeoutError(f"replicas not at version {version} after {timeout} s; {detail}") from None
 
 
-def _chunk_digests(data: memoryview, size: int, first: int, stop: int, total: int) -> list[str]:
+def _chunk_sha256(data: memoryview, size: int, first: int, stop: int, total: int) -> list[str]:
     return [
         hashlib.sha256(data[i * size : min((i + 1) * size, total)]).hexdigest() for i in range(first, stop)
     ]
+
+
+def _chunk_crc32(data: memoryview, size: int, first: int, stop: int, total: int) -> list[int]:
+    return [crc32(data[i * size : min((i + 1) * size, total)]) for i in range(first, stop)]
 
 
 def _plan(
@@ -551,6 +632,11 @@ def add_weight_service_to_server(servicer: WeightServicer, server: grpc.aio.Serv
             request_deserializer=weights_pb2.FetchWeightsRequest.FromString,
             response_serializer=_serialize,
         ),
+        "DescribeVersion": grpc.unary_unary_rpc_method_handler(
+            servicer.DescribeVersion,
+            request_deserializer=weights_pb2.DescribeVersionRequest.FromString,
+            response_serializer=weights_pb2.VersionLayout.SerializeToString,
+        ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -564,7 +650,9 @@ def announcement(info: VersionInfo) -> weights_pb2.VersionAnnouncement:
         total_chunks=info.total_chunks,
         num_tensors=info.num_tensors,
         sha256=info.sha256,
-        transport=weights_pb2.TRANSPORT_GRPC_STREAM,
+        transport=weights_pb2.TRANSPORT_TCP_BULK if info.bulk_port else weights_pb2.TRANSPORT_GRPC_STREAM,
+        bulk_port=info.bulk_port,
+        bulk_host=info.bulk_host,
     )
 
 
@@ -663,6 +751,19 @@ class WeightServicer(weights_pb2_grpc.WeightServiceServicer):
             publisher.release(stored)
         if not request.chunk_indices:
             publisher.record_replica(request.replica_id, stored.info.version)
+
+    async def DescribeVersion(
+        self, request: weights_pb2.DescribeVersionRequest, context: grpc.aio.ServicerContext
+    ) -> weights_pb2.VersionLayout:
+        publisher = self.publisher
+        if not request.replica_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "replica_id is empty")
+        if publisher.closed:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the learner is shutting down")
+        try:
+            return publisher.get(request.version).layout()
+        except VersionNotFound as error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
 
     def chunk(self, stored: StoredVersion, index: int, chunk_bytes: int, with_manifest: bool) -> ChunkMessage:
         """Chunk `index` of `stored` at `chunk_bytes` (the manifest on the stream's first)."""

@@ -62,7 +62,11 @@ def rollout_service(settings: RolloutSettings) -> ServiceDefinition:
     subscriber = None
     if settings.weights_target:
         subscriber = WeightSubscriber(
-            engine, settings.weights_target, replica_id, on_version=POLICY_VERSION.set
+            engine,
+            settings.weights_target,
+            replica_id,
+            on_version=POLICY_VERSION.set,
+            bulk=settings.weights_bulk,
         )
 
     async def start() -> None:

@@ -41,6 +41,11 @@ class RolloutSettings(FrozenSettings):
         description="the learner's WeightService, host:port: the replica pulls its current version before "
         "reporting ready, then swaps in every new one; empty = keep the weights from disk",
     )
+    weights_bulk: bool = Field(
+        True,
+        description="receive weights over the learner's bulk data plane (plain TCP, per-chunk CRC-32) "
+        "when it offers one; on any failure, and when false, FetchWeights (gRPC) is used",
+    )
     weights_sync_timeout_seconds: float = Field(
         60.0,
         gt=0,

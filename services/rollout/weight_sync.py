@@ -2,18 +2,33 @@
 every new policy version (weights.proto; ARCHITECTURE.md, "The data flow").
 
     WeightFetcher     one learner target, no engine: watch announcements, download a version
-                      (FetchWeights chunk stream), verify it, rebuild the tensors.
+                      (bulk data plane, else FetchWeights chunk stream), verify it, rebuild the
+                      tensors.
     WeightSubscriber  a WeightFetcher bound to an Engine: `sync_once` pulls the current version
                       (a replica does it before it reports ready), `run` follows every new one
                       until stopped, reconnecting with backoff when the learner goes away.
 
-A download receives the chunks on the event loop while a worker thread copies each into one
-preallocated buffer and folds it into the version's SHA-256 (hashlib releases the GIL), so the
-check of the whole version costs no pass of its own at the end. If that check fails, each
-chunk is checked against its own SHA-256 and only the failing chunks are fetched again by index
-(after a broken stream, only the missing ones), up to `retry.max_attempts` FetchWeights calls.
-Checking every chunk as well when the whole matches would hash every byte twice to learn
-nothing: a matching SHA-256 of the whole proves every chunk intact.
+Two data paths, one integrity rule each:
+
+- Bulk data plane (the default when the announcement offers a bulk port and `bulk` is on):
+  DescribeVersion (gRPC) gives the manifest and the CRC-32 of every chunk; the bytes come over
+  plain TCP straight into the preallocated buffer, and each chunk's CRC-32 is checked on a
+  second thread as soon as it has arrived (weight_bulk.py). Chunks that fail are asked for
+  again by byte range. On this path the per-chunk CRC-32s are the integrity check (they catch
+  the corruption a transfer can cause; the whole-version SHA-256 is not computed: it would cost
+  more CPU than the transfer itself). On any failure (port unreachable, protocol error, a
+  broken or stalled connection, chunks that keep failing) the download falls back to
+  FetchWeights, logs a warning (once, until bulk works again) and counts it in
+  `puremesh_rollout_weight_bulk_fallbacks_total{reason}`. After a connection failure the bulk
+  path rests for `bulk_retry_after_s` before it is tried again.
+- FetchWeights (gRPC chunk stream): the chunks are received on the event loop while a worker
+  thread copies each into the buffer and folds it into the version's SHA-256 (hashlib releases
+  the GIL), so the check of the whole version costs no pass of its own at the end. If that
+  check fails, each chunk is checked against its own SHA-256 and only the failing chunks are
+  fetched again by index (after a broken stream, only the missing ones), up to
+  `retry.max_attempts` FetchWeights calls. Checking every chunk as well when the whole matches
+  would hash every byte twice to learn nothing: a matching SHA-256 of the whole proves every
+  chunk intact.
 
 The tensors handed to the engine are views of that buffer (no copy); WeightSubscriber reuses
 the buffer for the next version once the engine has copied them (page faults on a fresh
@@ -39,6 +54,7 @@ from puremesh.services.common.client import DEFAULT_MAX_MESSAGE_BYTES, RetryPoli
 from puremesh.weights.v1 import weights_pb2, weights_pb2_grpc
 
 from .engine import Engine
+from .weight_bulk import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_IO_TIMEOUT_S, BulkError, BulkReceiver, target_host
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +66,10 @@ DEFAULT_ANNOUNCE_GRACE_S = 0.5
 RECONNECT_ATTEMPT_CAP = 16
 # Chunks received but not yet copied and hashed before the download waits for the worker.
 MAX_BACKLOG_CHUNKS = 8
+# Deadline of DescribeVersion (a small unary call) on the bulk path.
+DESCRIBE_TIMEOUT_S = 30.0
+# After the bulk port could not be reached, use FetchWeights alone for this long.
+DEFAULT_BULK_RETRY_AFTER_S = 60.0
 FETCH_METHOD = "/puremesh.weights.v1.WeightService/FetchWeights"
 
 FETCH_SECONDS = Histogram(
@@ -58,11 +78,17 @@ FETCH_SECONDS = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )
 FETCH_BYTES = Counter(
-    "puremesh_rollout_weight_fetch_bytes_total", "Tensor bytes received by FetchWeights (refetches included)"
+    "puremesh_rollout_weight_fetch_bytes_total",
+    "Tensor bytes received by FetchWeights or the bulk data plane (refetches included)",
 )
 CHUNK_RETRIES = Counter(
     "puremesh_rollout_weight_chunk_retries_total",
     "Chunks fetched again because their checksum failed or their stream broke",
+)
+BULK_FALLBACKS = Counter(
+    "puremesh_rollout_weight_bulk_fallbacks_total",
+    "Downloads that fell back from the bulk data plane to FetchWeights, by reason",
+    ["reason"],  # connect | describe | not_found | unavailable | protocol | io | checksum
 )
 SYNC_FAILURES = Counter(
     "puremesh_rollout_weight_sync_failures_total",
@@ -86,6 +112,8 @@ class Announcement:
     num_tensors: int
     sha256: str
     transport: int = weights_pb2.TRANSPORT_GRPC_STREAM
+    bulk_port: int = 0  # 0 = no bulk data plane
+    bulk_host: str = ""  # empty = the host of the fetcher's target
 
     @classmethod
     def from_proto(cls, message: weights_pb2.VersionAnnouncement) -> Announcement:
@@ -96,6 +124,8 @@ class Announcement:
             num_tensors=message.num_tensors,
             sha256=message.sha256,
             transport=message.transport,
+            bulk_port=message.bulk_port,
+            bulk_host=message.bulk_host,
         )
 
 
@@ -311,6 +341,11 @@ class _Assembly:
         return failed
 
 
+def _consume(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _open_channel(target: str, max_backoff_s: float) -> grpc.aio.Channel:
     backoff_ms = max(100, int(max_backoff_s * 1000))
     return grpc.aio.insecure_channel(
@@ -334,8 +369,14 @@ class WeightFetcher:
         replica_id: this replica's stable id (the learner tracks versions per id).
         retry: FetchWeights calls per version (max_attempts, first included) and the backoff
             between them; also the reconnect backoff of WeightSubscriber.run.
-        fetch_timeout_s: deadline of one FetchWeights call.
-        max_chunk_bytes: chunk size to ask for; 0 = the learner's default.
+        fetch_timeout_s: deadline of one FetchWeights call, and of one bulk download.
+        max_chunk_bytes: FetchWeights chunk size to ask for; 0 = the learner's default.
+        bulk: use the learner's bulk data plane when it offers one (see the module docstring);
+            retry.max_attempts also bounds its passes over failing chunks.
+        bulk_connect_timeout_s / bulk_io_timeout_s: connecting to the bulk port / the longest
+            wait for bytes on it, before falling back to FetchWeights.
+        bulk_retry_after_s: after the bulk port could not be reached, FetchWeights alone is used
+            for this long.
     """
 
     def __init__(
@@ -346,6 +387,11 @@ class WeightFetcher:
         fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S,
         max_chunk_bytes: int = 0,
         announce_grace_s: float = DEFAULT_ANNOUNCE_GRACE_S,
+        *,
+        bulk: bool = True,
+        bulk_connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        bulk_io_timeout_s: float = DEFAULT_IO_TIMEOUT_S,
+        bulk_retry_after_s: float = DEFAULT_BULK_RETRY_AFTER_S,
     ) -> None:
         if not replica_id:
             raise ValueError("replica_id must not be empty")
@@ -364,10 +410,18 @@ class WeightFetcher:
         )
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="weights-sha")
         self._spare: torch.Tensor | None = None
+        self.bulk = bulk
+        self.bulk_connect_timeout_s = bulk_connect_timeout_s
+        self.bulk_io_timeout_s = bulk_io_timeout_s
+        self.bulk_retry_after_s = bulk_retry_after_s
+        self._receiver_pool = ThreadPoolExecutor(1, thread_name_prefix="weights-bulk")
+        self._bulk_resumes_at = 0.0  # time.monotonic() before which bulk is not tried
+        self._bulk_warned = False
 
     async def close(self) -> None:
         await self._channel.close()
         self._worker.shutdown(wait=False)
+        self._receiver_pool.shutdown(wait=False)
 
     async def __aenter__(self) -> WeightFetcher:
         return self
@@ -408,12 +462,111 @@ class WeightFetcher:
     # ------------------------------------------------------------------ download
 
     async def download(self, announcement: Announcement) -> FetchedVersion:
-        """Fetch every chunk of `announcement`'s version and verify the whole; on a mismatch,
-        refetch only the chunks whose checksum fails, and only the missing ones after a broken
-        stream, up to retry.max_attempts FetchWeights calls. Raises RpcError (e.g. NOT_FOUND:
-        evicted meanwhile) or WeightSyncError."""
+        """Download and verify `announcement`'s version: over the bulk data plane when offered
+        and enabled, else (or when it fails) with FetchWeights. Raises RpcError (e.g.
+        NOT_FOUND: evicted meanwhile) or WeightSyncError."""
         began = time.perf_counter()
-        assembly = _Assembly(announcement, self._worker, self._buffer(announcement.total_bytes))
+        buffer = self._buffer(announcement.total_bytes)
+        address = self.bulk_address(announcement)
+        fetched = None
+        if address is not None:
+            try:
+                fetched = await self._download_bulk(announcement, address, buffer)
+                self._bulk_warned = False
+            except BulkError as error:
+                self._fall_back(announcement, address, error)
+        if fetched is None:
+            fetched = await self._download_stream(announcement, buffer)
+        FETCH_SECONDS.observe(time.perf_counter() - began)
+        return fetched
+
+    def bulk_address(self, announcement: Announcement) -> tuple[str, int] | None:
+        """Where to fetch `announcement` over the bulk data plane; None = use FetchWeights."""
+        if not (self.bulk and announcement.bulk_port) or time.monotonic() < self._bulk_resumes_at:
+            return None
+        host = announcement.bulk_host or target_host(self.target)
+        return (host, announcement.bulk_port) if host else None
+
+    def _fall_back(self, announcement: Announcement, address: tuple[str, int], error: BulkError) -> None:
+        BULK_FALLBACKS.labels(error.reason).inc()
+        if error.reason == "connect":
+            self._bulk_resumes_at = time.monotonic() + self.bulk_retry_after_s
+        if error.reason == "not_found":  # evicted meanwhile: FetchWeights will say so too
+            level = logging.DEBUG
+        else:
+            level = logging.DEBUG if self._bulk_warned else logging.WARNING
+            self._bulk_warned = True
+        log.log(
+            level,
+            "weight sync: bulk download of version %d from %s:%d failed (%s: %s); using FetchWeights",
+            announcement.version,
+            *address,
+            error.reason,
+            error,
+        )
+
+    async def _download_bulk(
+        self, announcement: Announcement, address: tuple[str, int], buffer: torch.Tensor
+    ) -> FetchedVersion:
+        """The bytes over TCP, each chunk checked by its CRC-32; DescribeVersion (manifest and
+        CRC-32s) runs meanwhile, so that the transfer starts at once."""
+        receiver = BulkReceiver(
+            address,
+            self.replica_id,
+            announcement.version,
+            memoryview(buffer.numpy()),
+            self._worker,
+            max_attempts=self.retry.max_attempts,
+            connect_timeout_s=self.bulk_connect_timeout_s,
+            io_timeout_s=self.bulk_io_timeout_s,
+        )
+        running = asyncio.wrap_future(self._receiver_pool.submit(receiver.run))
+        running.add_done_callback(_consume)  # its error, if it is aborted, is nobody's to raise
+        try:
+            async with asyncio.timeout(self.fetch_timeout_s):
+                manifest = await self._describe(announcement, receiver)
+                await asyncio.shield(running)
+        except asyncio.CancelledError:
+            receiver.abort()  # (the buffer is not reused: it is nobody's spare)
+            raise
+        except BaseException as error:
+            receiver.abort()
+            await asyncio.wait([running])  # the buffer is free again once it has stopped
+            if isinstance(error, TimeoutError):
+                raise BulkError("io", f"no complete download within {self.fetch_timeout_s} s") from None
+            raise
+        finally:
+            FETCH_BYTES.inc(receiver.received_bytes)
+            CHUNK_RETRIES.inc(receiver.retried_chunks)
+        return FetchedVersion(announcement.version, manifest, buffer)
+
+    async def _describe(self, announcement: Announcement, receiver: BulkReceiver) -> tuple[TensorSpec, ...]:
+        """DescribeVersion: hand the chunk CRC-32s to `receiver`, return the manifest."""
+        request = weights_pb2.DescribeVersionRequest(version=announcement.version, replica_id=self.replica_id)
+        try:
+            layout = await self._stub.DescribeVersion(request, timeout=DESCRIBE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as error:
+            reason = "not_found" if error.code() == grpc.StatusCode.NOT_FOUND else "describe"
+            raise BulkError(reason, f"DescribeVersion: {error.code().name} {error.details()}") from error
+        expected = (announcement.version, announcement.total_bytes, announcement.sha256)
+        if (layout.version, layout.total_bytes, layout.sha256) != expected:
+            raise BulkError("protocol", f"DescribeVersion does not match the announcement of {announcement}")
+        try:
+            manifest = parse_manifest(layout.manifest, announcement.total_bytes)
+        except WeightSyncError as error:
+            raise BulkError("protocol", str(error)) from error
+        if len(manifest) != announcement.num_tensors:
+            raise BulkError(
+                "protocol", f"{len(manifest)} tensors, the announcement says {announcement.num_tensors}"
+            )
+        receiver.set_layout(layout.crc32_chunk_bytes, layout.chunk_crc32)
+        return manifest
+
+    async def _download_stream(self, announcement: Announcement, buffer: torch.Tensor) -> FetchedVersion:
+        """Fetch every chunk of `announcement`'s version with FetchWeights and verify the whole;
+        on a mismatch, refetch only the chunks whose checksum fails, and only the missing ones
+        after a broken stream, up to retry.max_attempts FetchWeights calls."""
+        assembly = _Assembly(announcement, self._worker, buffer)
         wanted: list[int] = []  # [] = all chunks
         for attempt in range(self.retry.max_attempts):
             if attempt:
@@ -441,7 +594,6 @@ class WeightFetcher:
                 digest = await assembly.sha256()
                 if digest == announcement.sha256:
                     assert assembly.manifest is not None
-                    FETCH_SECONDS.observe(time.perf_counter() - began)
                     return FetchedVersion(announcement.version, assembly.manifest, assembly.buffer)
                 missing = await assembly.drop_bad_chunks()
                 if not missing:
@@ -482,7 +634,7 @@ class WeightSubscriber:
     `await stop()` before closing the engine. `on_version(v)` is called after each swap.
     `reuse_buffer` keeps the last version's bytes (host memory, one model's size) to receive
     the next one into; it relies on Engine.load_weights copying the tensors into the model, as
-    both backends do.
+    both backends do. `bulk`: use the learner's bulk data plane when offered (WeightFetcher).
     """
 
     def __init__(
@@ -497,6 +649,7 @@ class WeightSubscriber:
         announce_grace_s: float = DEFAULT_ANNOUNCE_GRACE_S,
         on_version: Callable[[int], None] | None = None,
         reuse_buffer: bool = True,
+        bulk: bool = True,
     ) -> None:
         self.engine = engine
         self.reuse_buffer = reuse_buffer
@@ -507,6 +660,7 @@ class WeightSubscriber:
             fetch_timeout_s=fetch_timeout_s,
             max_chunk_bytes=max_chunk_bytes,
             announce_grace_s=announce_grace_s,
+            bulk=bulk,
         )
         self.retry = self.fetcher.retry
         self.on_version = on_version

@@ -313,15 +313,21 @@ def test_rollout_replicas_pull_weights_from_the_learner(docs):
     (rollout,) = [a for a in serve_config(docs)["applications"] if a["name"] == "rollout"]
     service = one(docs, "Service", f"{FULLNAME}-learner")
     (weights,) = [p for p in service["spec"]["ports"] if p["name"] == "weights"]
+    # replicas dial the announced bulk port on the Service name: the two numbers must agree
+    (bulk,) = [p for p in service["spec"]["ports"] if p["name"] == "weights-bulk"]
     assert rollout["args"]["settings"]["weights_target"] == (
         f"{FULLNAME}-learner.{NAMESPACE}.svc:{weights['port']}"
     )
     learner = yaml.safe_load(one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["learner.yaml"])["learner"]
-    assert learner["weights"] == {"host": "0.0.0.0", "port": weights["port"]}
+    assert learner["weights"] == {"host": "0.0.0.0", "port": weights["port"], "bulk_port": bulk["port"]}
     pod = one(docs, "Job")["spec"]["template"]
     assert all(pod["metadata"]["labels"][k] == v for k, v in service["spec"]["selector"].items())
     learner_ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
-    assert learner_ports == {"weights": weights["port"], "metrics": learner["metrics_port"]}
+    assert learner_ports == {
+        "weights": weights["port"],
+        "weights-bulk": bulk["port"],
+        "metrics": learner["metrics_port"],
+    }
 
 
 def test_metrics_ports_match_the_settings(docs):
@@ -582,7 +588,7 @@ def test_network_policies_admit_only_the_intended_callers(docs):
     assert learner["ingress"] == [
         {
             "from": [{"podSelector": {"matchLabels": rollout_pods}}],
-            "ports": [{"port": 50060, "protocol": "TCP"}],
+            "ports": [{"port": 50060, "protocol": "TCP"}, {"port": 50061, "protocol": "TCP"}],
         },
         {"from": [{"namespaceSelector": monitoring}], "ports": [{"port": 9100, "protocol": "TCP"}]},
     ]

@@ -1,5 +1,6 @@
 """Weight sync over real servers on port 0: the learner's WeightService (trainer.weights) in a
-ServiceHost, rollout replicas (hf engine, tiny policy) following it with a WeightSubscriber.
+ServiceHost, with or without its bulk data plane, rollout replicas (hf engine, tiny policy)
+following it with a WeightSubscriber.
 
 Tests may import both sides; the ServiceDefinition of the learner is built here, as the
 composition root (cli/) does.
@@ -48,6 +49,7 @@ class Learner:
     host: ServiceHost
     publisher: WeightPublisher
     servicer: WeightServicer
+    fetched_chunks: list[int] = dataclasses.field(default_factory=list)  # FetchWeights chunk indices
 
     @property
     def target(self) -> str:
@@ -62,8 +64,10 @@ class Learner:
 async def start_learner():
     started: list[Learner] = []
 
-    async def start(port: int = 0) -> Learner:
-        publisher = WeightPublisher(retain=2, chunk_bytes=CHUNK_BYTES)
+    async def start(port: int = 0, bulk: bool = False) -> Learner:
+        publisher = WeightPublisher(
+            retain=2, chunk_bytes=CHUNK_BYTES, bulk_host="127.0.0.1" if bulk else None
+        )
         servicer = WeightServicer(publisher)
         definition = ServiceDefinition(
             name="weights",
@@ -74,6 +78,13 @@ async def start_learner():
         host = ServiceHost([definition], ServerSettings(port=port, metrics_port=None))
         await host.start()
         learner = Learner(host, publisher, servicer)
+        produce = servicer.chunk
+
+        def record(stored, index, chunk_bytes, with_manifest):
+            learner.fetched_chunks.append(index)
+            return produce(stored, index, chunk_bytes, with_manifest)
+
+        servicer.chunk = record
         started.append(learner)
         return learner
 
@@ -381,3 +392,57 @@ async def test_status_codes_and_chunking_via_raw_stubs(start_learner) -> None:
 
 def _fetch_call(stub, **fields):
     return stub.FetchWeights(weights_pb2.FetchWeightsRequest(replica_id="raw", **fields), timeout=5)
+
+
+async def test_replica_follows_versions_over_the_bulk_data_plane(
+    start_learner, engine, reference_model, policy_versions
+) -> None:
+    learner = await start_learner(bulk=True)
+    subscriber = WeightSubscriber(engine, learner.target, "replica-1", retry=FAST_RETRY)
+    fallbacks = sum(s.value for m in weight_sync.BULK_FALLBACKS.collect() for s in m.samples)
+    subscriber.start()
+    try:
+        learner.publisher.publish(1, policy_versions(1))
+        await wait_until(lambda: engine.policy_version == 1)
+        learner.publisher.publish(2, policy_versions(2))
+        states = await learner.publisher.wait_for_replicas(2, ["replica-1"], timeout=20)
+        assert states["replica-1"].version == 2  # recorded by the bulk server
+        await wait_until(lambda: engine.policy_version == 2)
+        assert await greedy(engine) == transformers_greedy(reference_model, engine, policy_versions(2))
+    finally:
+        await subscriber.stop()
+    assert learner.fetched_chunks == []  # not one FetchWeights chunk
+    assert sum(s.value for m in weight_sync.BULK_FALLBACKS.collect() for s in m.samples) == fallbacks
+
+
+async def test_replica_settings_choose_the_path(start_learner, tiny_policy_dir, policy_versions) -> None:
+    learner = await start_learner(bulk=True)
+    info = learner.publisher.publish(1, policy_versions(1))
+    for replica_id, bulk in (("bulk", True), ("grpc", False)):
+        learner.fetched_chunks.clear()
+        host = await start_replica(tiny_policy_dir, learner, replica_id, weights_bulk=bulk)
+        try:
+            await host.load()
+            engine = host.services["puremesh.rollout.v1.RolloutService"].servicer.engine
+            assert host.ready and engine.policy_version == 1
+        finally:
+            await host.drain(grace=1)
+        assert learner.fetched_chunks == ([] if bulk else list(range(info.total_chunks))), replica_id
+
+
+async def test_closed_bulk_port_falls_back_to_fetchweights(
+    start_learner, engine, reference_model, policy_versions
+) -> None:
+    learner = await start_learner(bulk=True)
+    subscriber = WeightSubscriber(engine, learner.target, "replica-1", retry=FAST_RETRY)
+    before = weight_sync.BULK_FALLBACKS.labels("connect")._value.get()
+    subscriber.start()
+    try:
+        learner.publisher.bulk.close()  # the announcements still offer the port
+        info = learner.publisher.publish(1, policy_versions(1))
+        await wait_until(lambda: engine.policy_version == 1)
+        assert await greedy(engine) == transformers_greedy(reference_model, engine, policy_versions(1))
+    finally:
+        await subscriber.stop()
+    assert learner.fetched_chunks == list(range(info.total_chunks))
+    assert weight_sync.BULK_FALLBACKS.labels("connect")._value.get() - before == 1

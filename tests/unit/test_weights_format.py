@@ -1,17 +1,25 @@
 """Weight layout and integrity: publish (trainer.weights) -> chunks on the wire -> fetch, verify
-and rebuild (services.rollout.weight_sync), over a real gRPC server on port 0."""
+and rebuild (services.rollout.weight_sync), over a real gRPC server on port 0; and the bulk data
+plane (trainer.weight_bulk, services.rollout.weight_bulk): its protocol, per-chunk CRC-32
+checks and the fallback to FetchWeights."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
+import logging
+import socket
+import struct
+import types
+import zlib
 
 import grpc
 import pytest
 import torch
 
 from puremesh.services.common.client import RetryPolicy, RpcError
-from puremesh.services.rollout import weight_sync
+from puremesh.services.rollout import weight_bulk, weight_sync
 from puremesh.services.rollout.weight_sync import Announcement, WeightFetcher, WeightSyncError, split_chunk
 from puremesh.trainer.weights import (
     ChunkMessage,
@@ -24,6 +32,7 @@ from puremesh.trainer.weights import (
 from puremesh.weights.v1 import weights_pb2, weights_pb2_grpc
 
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.05)
+BULK_CHUNK = 48  # the bulk CRC-32 chunk size: not the FetchWeights chunk size (64), nor a divisor
 
 
 def mixed_tensors() -> list[tuple[str, torch.Tensor]]:
@@ -200,3 +209,304 @@ async def test_buffers_are_reused_only_when_nobody_reads_them(learner) -> None:
     again = await fetcher.download(Announcement.from_proto(announcement(publisher.get(4).info)))
     assert again.buffer.data_ptr() == pointer
     assert_same(again.tensors(), weights)
+
+
+# ---------------------------------------------------------------------- the bulk data plane
+
+
+@pytest.fixture
+async def bulk_learner():
+    """A learner on port 0 with its bulk data plane; FetchWeights chunks are recorded in `sent`."""
+    publisher = WeightPublisher(retain=2, chunk_bytes=64, bulk_chunk_bytes=BULK_CHUNK, bulk_host="127.0.0.1")
+    servicer = WeightServicer(publisher)
+    sent: list[int] = []
+    produce = servicer.chunk
+
+    def record(stored, index, chunk_bytes, with_manifest):
+        sent.append(index)
+        return produce(stored, index, chunk_bytes, with_manifest)
+
+    servicer.chunk = record
+    server = grpc.aio.server()
+    add_weight_service_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    fetcher = WeightFetcher(f"127.0.0.1:{port}", "replica-b", retry=FAST_RETRY)
+    yield types.SimpleNamespace(publisher=publisher, servicer=servicer, fetcher=fetcher, sent=sent, port=port)
+    await fetcher.close()
+    publisher.close()
+    await server.stop(0)
+
+
+def fallbacks(reason: str) -> float:
+    return weight_sync.BULK_FALLBACKS.labels(reason)._value.get()
+
+
+def bulk_request(
+    version: int, offset: int, length: int, replica_id: bytes = b"raw", magic: bytes = b"PMWB"
+) -> bytes:
+    return struct.pack("<4sHHQQQ", magic, 1, len(replica_id), version, offset, length) + replica_id
+
+
+def read_reply(conn: socket.socket) -> tuple[int, bytes]:
+    """(status, payload or error message) of one bulk reply."""
+    head = conn.recv(16, socket.MSG_WAITALL)
+    magic, status, reserved, length = struct.unpack("<4sHHQ", head)
+    assert magic == b"PMWB" and reserved == 0
+    payload = bytearray()
+    while len(payload) < length:
+        more = conn.recv(length - len(payload))
+        assert more, "the server closed in the middle of a reply"
+        payload += more
+    return status, bytes(payload)
+
+
+async def test_bulk_round_trip_every_dtype_and_shape(bulk_learner) -> None:
+    publisher, fetcher = bulk_learner.publisher, bulk_learner.fetcher
+    tensors = mixed_tensors()
+    info = publisher.publish(1, tensors)
+    ann = announcement(info)
+    assert ann.transport == weights_pb2.TRANSPORT_TCP_BULK and ann.bulk_port == publisher.bulk_port > 0
+    assert ann.bulk_host == ""  # = the host of the replica's target
+    assert fetcher.bulk_address(Announcement.from_proto(ann)) == ("127.0.0.1", publisher.bulk_port)
+    before = {reason: fallbacks(reason) for reason in ("connect", "protocol", "io", "checksum")}
+    fetched = await fetcher.fetch(Announcement.from_proto(ann))
+    assert_same(fetched, tensors)
+    assert bulk_learner.sent == []  # not one FetchWeights chunk
+    assert before == {reason: fallbacks(reason) for reason in before}
+    assert publisher.replicas["replica-b"].version == 1  # a full bulk fetch counts, like FetchWeights
+    assert publisher.get(1).readers == 0  # released after sending
+    # an empty version: one empty chunk
+    info = publisher.publish(2, [])
+    assert await fetcher.fetch(Announcement.from_proto(announcement(info))) == []
+    assert bulk_learner.sent == []
+
+
+async def test_describe_version(bulk_learner) -> None:
+    publisher = bulk_learner.publisher
+    tensors = mixed_tensors()
+    info = publisher.publish(1, tensors)
+    data = bytes(publisher.get(1).data)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{bulk_learner.port}") as channel:
+        stub = weights_pb2_grpc.WeightServiceStub(channel)
+        describe = weights_pb2.DescribeVersionRequest
+        layout = await stub.DescribeVersion(describe(version=1, replica_id="raw"), timeout=5)
+        assert (layout.version, layout.total_bytes, layout.sha256) == (1, info.total_bytes, info.sha256)
+        assert [spec.name for spec in layout.manifest] == [name for name, _ in tensors]
+        assert layout.crc32_chunk_bytes == BULK_CHUNK
+        assert list(layout.chunk_crc32) == [
+            zlib.crc32(data[i : i + BULK_CHUNK]) for i in range(0, len(data), BULK_CHUNK)
+        ]
+        for request, code in [
+            (describe(version=1), grpc.StatusCode.INVALID_ARGUMENT),
+            (describe(version=7, replica_id="raw"), grpc.StatusCode.NOT_FOUND),
+        ]:
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.DescribeVersion(request, timeout=5)
+            assert error.value.code() == code
+        publisher.close()
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.DescribeVersion(describe(version=1, replica_id="raw"), timeout=5)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_bulk_corrupted_chunk_is_refetched_by_range(bulk_learner) -> None:
+    publisher, fetcher = bulk_learner.publisher, bulk_learner.fetcher
+    tensors = mixed_tensors()
+    info = publisher.publish(1, tensors)
+    server = publisher.bulk
+    produce = server.payload
+    ranges: list[tuple[int, int]] = []
+
+    def flip_once(stored, start, stop):  # the first time chunk 2 goes out, one bit flips
+        ranges.append((start, stop))
+        data = produce(stored, start, stop)
+        if len(ranges) == 1:
+            data = bytearray(data)
+            data[2 * BULK_CHUNK + 5 - start] ^= 0x10
+        return data
+
+    server.payload = flip_once
+    retries = weight_sync.CHUNK_RETRIES._value.get()
+    fetched = await fetcher.fetch(Announcement.from_proto(announcement(info)))
+    assert_same(fetched, tensors)
+    assert ranges == [(0, info.total_bytes), (96, 144)]  # everything, then only chunk 2
+    assert weight_sync.CHUNK_RETRIES._value.get() - retries == 1
+    assert bulk_learner.sent == []
+
+
+async def test_bulk_chunk_failing_every_pass_falls_back_to_fetchweights(bulk_learner) -> None:
+    publisher, fetcher = bulk_learner.publisher, bulk_learner.fetcher
+    tensors = mixed_tensors()
+    info = publisher.publish(1, tensors)
+    produce = publisher.bulk.payload
+    passes = []
+
+    def corrupt(stored, start, stop):
+        passes.append((start, stop))
+        data = bytearray(produce(stored, start, stop))
+        data[50 - start if start <= 50 < stop else 0] ^= 0xFF  # chunk 1, every time
+        return data
+
+    publisher.bulk.payload = corrupt
+    before = fallbacks("checksum")
+    assert_same(await fetcher.fetch(Announcement.from_proto(announcement(info))), tensors)
+    assert passes == [(0, info.total_bytes), (48, 96), (48, 96)]  # FAST_RETRY: 3 passes
+    assert fallbacks("checksum") - before == 1
+    assert bulk_learner.sent == list(range(info.total_chunks))  # then FetchWeights, intact
+
+
+async def test_learner_without_bulk_is_fetched_with_fetchweights(learner) -> None:
+    publisher, _, fetcher = learner
+    info = publisher.publish(1, mixed_tensors())
+    ann = announcement(info)
+    assert ann.transport == weights_pb2.TRANSPORT_GRPC_STREAM and ann.bulk_port == 0
+    assert publisher.bulk is None and publisher.bulk_port == 0
+    assert fetcher.bulk_address(Announcement.from_proto(ann)) is None
+    assert_same(await fetcher.fetch(Announcement.from_proto(ann)), mixed_tensors())
+
+
+async def test_replica_with_bulk_off_uses_fetchweights(bulk_learner) -> None:
+    info = bulk_learner.publisher.publish(1, mixed_tensors())
+    async with WeightFetcher(f"127.0.0.1:{bulk_learner.port}", "no-bulk", bulk=False) as fetcher:
+        ann = Announcement.from_proto(announcement(info))
+        assert fetcher.bulk_address(ann) is None
+        assert_same(await fetcher.fetch(ann), mixed_tensors())
+    assert bulk_learner.sent == list(range(info.total_chunks))
+
+
+async def test_closed_bulk_port_falls_back_and_rests(bulk_learner, caplog) -> None:
+    publisher, fetcher = bulk_learner.publisher, bulk_learner.fetcher
+    publisher.bulk.close()  # the port stops answering; the announcements still offer it
+    info = publisher.publish(1, mixed_tensors())
+    ann = Announcement.from_proto(announcement(info))
+    before = fallbacks("connect")
+    with caplog.at_level(logging.WARNING, logger=weight_sync.__name__):
+        assert_same(await fetcher.fetch(ann), mixed_tensors())
+    assert fallbacks("connect") - before == 1
+    assert [r.levelno for r in caplog.records] == [logging.WARNING] and "using FetchWeights" in caplog.text
+    assert bulk_learner.sent == list(range(info.total_chunks))
+    # the bulk path rests for a while after a connection failure ...
+    assert fetcher.bulk_address(ann) is None
+    assert_same(await fetcher.fetch(ann), mixed_tensors())
+    assert fallbacks("connect") - before == 1
+    # ... then it is tried again
+    fetcher._bulk_resumes_at = 0.0
+    assert fetcher.bulk_address(ann) == ("127.0.0.1", publisher.bulk_port)
+
+
+async def test_unreachable_bulk_port_falls_back(learner, unused_tcp_port) -> None:
+    publisher, _, fetcher = learner
+    info = publisher.publish(1, mixed_tensors())
+    ann = dataclasses.replace(Announcement.from_proto(announcement(info)), bulk_port=unused_tcp_port)
+    before = fallbacks("connect")
+    assert_same(await fetcher.fetch(ann), mixed_tensors())  # DescribeVersion answers, the port refuses
+    assert fallbacks("connect") - before == 1
+
+
+async def test_bulk_server_answers_bad_requests_and_keeps_serving(bulk_learner) -> None:
+    publisher = bulk_learner.publisher
+    publisher.publish(1, mixed_tensors())
+    data = bytes(publisher.get(1).data)
+    address = ("127.0.0.1", publisher.bulk_port)
+
+    def exchange() -> None:
+        with socket.create_connection(address, timeout=5) as conn:
+            conn.sendall(bulk_request(1, 0, 0, magic=b"HTTP"))
+            status, message = read_reply(conn)
+            assert status == 3 and b"magic" in message  # BAD_REQUEST, then the server closes
+            assert conn.recv(1) == b""
+        with socket.create_connection(address, timeout=5) as conn:
+            conn.sendall(bulk_request(9, 0, 10))
+            status, message = read_reply(conn)
+            assert status == 1 and b"version 9 is not retained" in message  # NOT_FOUND
+            conn.sendall(bulk_request(1, len(data) - 4, 5))
+            status, message = read_reply(conn)
+            assert status == 2 and b"out of range" in message  # OUT_OF_RANGE
+            conn.sendall(bulk_request(1, 2**64 - 1, 2))  # offset + length overflows 64 bits
+            assert read_reply(conn)[0] == 2
+            conn.sendall(bulk_request(1, 10, 100))  # the same connection still serves
+            assert read_reply(conn) == (0, data[10:110])
+            conn.sendall(bulk_request(1, len(data), 0))
+            assert read_reply(conn) == (0, b"")
+        with socket.create_connection(address, timeout=5) as conn:
+            conn.sendall(struct.pack("<4sHHQQQ", b"PMWB", 2, 0, 1, 0, 1))  # unknown protocol
+            assert read_reply(conn)[0] == 3
+        with socket.create_connection(address, timeout=5) as conn:
+            conn.sendall(bulk_request(1, 0, 1, replica_id=b"\xff\xfe"))  # not UTF-8
+            assert read_reply(conn)[0] == 3
+        with socket.create_connection(address, timeout=5) as conn:
+            conn.sendall(bulk_request(1, 0, len(data), replica_id=b"raw-bulk"))
+            assert read_reply(conn) == (0, data)
+
+    await asyncio.to_thread(exchange)
+    assert publisher.replicas["raw-bulk"].version == 1 and "raw" not in publisher.replicas
+    assert publisher.get(1).readers == 0
+    assert_same(
+        await bulk_learner.fetcher.fetch(Announcement.from_proto(announcement(publisher.current))),
+        mixed_tensors(),
+    )
+
+
+async def test_bulk_server_limits_connections_and_closes_with_the_publisher(bulk_learner) -> None:
+    publisher = bulk_learner.publisher
+    publisher.publish(1, mixed_tensors())
+    server = publisher.bulk
+    address = ("127.0.0.1", server.port)
+    server.max_connections = 1
+
+    def busy() -> None:
+        with socket.create_connection(address, timeout=5) as first:
+            first.sendall(bulk_request(1, 0, 4))
+            assert read_reply(first)[0] == 0  # admitted
+            with socket.create_connection(address, timeout=5) as second:
+                status, message = read_reply(second)
+                assert status == 4 and b"connections are open" in message  # UNAVAILABLE
+            publisher.close()
+            assert first.recv(1) == b""  # the open connection was shut down
+        with pytest.raises(OSError):
+            socket.create_connection(address, timeout=2)
+
+    await asyncio.to_thread(busy)
+    assert server.closed and server.connections == 0
+
+
+async def test_bulk_evicted_version_is_a_clear_error_then_fetchweights_decides(bulk_learner) -> None:
+    publisher, fetcher = bulk_learner.publisher, bulk_learner.fetcher
+    first = publisher.publish(1, [("w", torch.ones(100))])
+    layout = publisher.get(1).layout()
+    for version in (2, 3):
+        publisher.publish(version, [("w", torch.ones(100))])
+    # the bulk server says NOT_FOUND for a version evicted after DescribeVersion answered
+    receiver = weight_bulk.BulkReceiver(
+        ("127.0.0.1", publisher.bulk_port), "r", 1, memoryview(bytearray(layout.total_bytes)), fetcher._worker
+    )
+    receiver.set_layout(layout.crc32_chunk_bytes, layout.chunk_crc32)
+    with pytest.raises(weight_bulk.BulkError, match="version 1 is not retained") as error:
+        await asyncio.to_thread(receiver.run)
+    assert error.value.reason == "not_found"
+    # a replica falls back to FetchWeights, which has the last word: NOT_FOUND
+    before = fallbacks("not_found")
+    with pytest.raises(RpcError) as info:
+        await fetcher.fetch(Announcement.from_proto(announcement(first)))
+    assert info.value.code == grpc.StatusCode.NOT_FOUND
+    assert fallbacks("not_found") - before == 1
+
+
+def test_target_host() -> None:
+    cases = {
+        "127.0.0.1:50060": "127.0.0.1",
+        "learner:50060": "learner",
+        "pm-learner.ns.svc.cluster.local:50060": "pm-learner.ns.svc.cluster.local",
+        "dns:///learner:50060": "learner",
+        "dns://8.8.8.8/learner:50060": "learner",
+        "dns:learner:50060": "learner",
+        "ipv4:10.0.0.1:50060,10.0.0.2:50060": "10.0.0.1",
+        "[::1]:50060": "::1",
+        "ipv6:[fe80::1]:50060": "fe80::1",
+        "learner": "learner",
+        "unix:/tmp/learner.sock": None,
+        "unix-abstract:learner": None,
+    }
+    assert {target: weight_bulk.target_host(target) for target in cases} == cases
+    assert weight_bulk.chunk_ranges([5, 1, 2, 7], 10, 75) == [(10, 30), (50, 60), (70, 75)]

@@ -93,7 +93,7 @@ default to the Serve gRPC ingress, each call naming its application (`applicatio
 {{- $apps := dict "rollout" "rollout" "prm" "prm" "verify" "verify" }}
 {{- $defaults := dict "endpoints" (dict "rollout" (list $target) "prm" (list $target) "verify" (list $target) "applications" $apps) }}
 {{- $settings = merge $settings $defaults }}
-{{- $owned := dict "metrics_port" .Values.learner.metricsPort "weights" (dict "host" "0.0.0.0" "port" .Values.learner.weightsPort) }}
+{{- $owned := dict "metrics_port" .Values.learner.metricsPort "weights" (dict "host" "0.0.0.0" "port" .Values.learner.weightsPort "bulk_port" .Values.learner.weightsBulkPort) }}
 {{- toYaml (dict "learner" (mergeOverwrite $settings $owned)) }}
 {{- end }}
 

@@ -62,6 +62,8 @@ spec:
       ports:
         - name: weights
           containerPort: {{ $values.learner.weightsPort }}
+        - name: weights-bulk
+          containerPort: {{ $values.learner.weightsBulkPort }}
         - name: metrics
           containerPort: {{ $values.learner.metricsPort }}
       env:

@@ -12,9 +12,11 @@ class Transport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSPORT_UNSPECIFIED: _ClassVar[Transport]
     TRANSPORT_GRPC_STREAM: _ClassVar[Transport]
     TRANSPORT_NCCL: _ClassVar[Transport]
+    TRANSPORT_TCP_BULK: _ClassVar[Transport]
 TRANSPORT_UNSPECIFIED: Transport
 TRANSPORT_GRPC_STREAM: Transport
 TRANSPORT_NCCL: Transport
+TRANSPORT_TCP_BULK: Transport
 
 class WatchVersionsRequest(_message.Message):
     __slots__ = ("replica_id", "current_version")
@@ -25,20 +27,24 @@ class WatchVersionsRequest(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., current_version: _Optional[int] = ...) -> None: ...
 
 class VersionAnnouncement(_message.Message):
-    __slots__ = ("version", "total_bytes", "total_chunks", "num_tensors", "sha256", "transport")
+    __slots__ = ("version", "total_bytes", "total_chunks", "num_tensors", "sha256", "transport", "bulk_port", "bulk_host")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    BULK_PORT_FIELD_NUMBER: _ClassVar[int]
+    BULK_HOST_FIELD_NUMBER: _ClassVar[int]
     version: int
     total_bytes: int
     total_chunks: int
     num_tensors: int
     sha256: str
     transport: Transport
-    def __init__(self, version: _Optional[int] = ..., total_bytes: _Optional[int] = ..., total_chunks: _Optional[int] = ..., num_tensors: _Optional[int] = ..., sha256: _Optional[str] = ..., transport: _Optional[_Union[Transport, str]] = ...) -> None: ...
+    bulk_port: int
+    bulk_host: str
+    def __init__(self, version: _Optional[int] = ..., total_bytes: _Optional[int] = ..., total_chunks: _Optional[int] = ..., num_tensors: _Optional[int] = ..., sha256: _Optional[str] = ..., transport: _Optional[_Union[Transport, str]] = ..., bulk_port: _Optional[int] = ..., bulk_host: _Optional[str] = ...) -> None: ...
 
 class FetchWeightsRequest(_message.Message):
     __slots__ = ("version", "replica_id", "chunk_indices", "max_chunk_bytes")
@@ -83,3 +89,27 @@ class TensorSpec(_message.Message):
     offset: int
     nbytes: int
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class DescribeVersionRequest(_message.Message):
+    __slots__ = ("version", "replica_id")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    replica_id: str
+    def __init__(self, version: _Optional[int] = ..., replica_id: _Optional[str] = ...) -> None: ...
+
+class VersionLayout(_message.Message):
+    __slots__ = ("version", "total_bytes", "sha256", "manifest", "crc32_chunk_bytes", "chunk_crc32")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    CRC32_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_CRC32_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    total_bytes: int
+    sha256: str
+    manifest: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    crc32_chunk_bytes: int
+    chunk_crc32: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, version: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., crc32_chunk_bytes: _Optional[int] = ..., chunk_crc32: _Optional[_Iterable[int]] = ...) -> None: ...

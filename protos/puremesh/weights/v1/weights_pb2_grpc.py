@@ -45,6 +45,11 @@ class WeightServiceStub:
                 request_serializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.FetchWeightsRequest.SerializeToString,
                 response_deserializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.WeightChunk.FromString,
                 _registered_method=True)
+        self.DescribeVersion = channel.unary_unary(
+                '/puremesh.weights.v1.WeightService/DescribeVersion',
+                request_serializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.DescribeVersionRequest.SerializeToString,
+                response_deserializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.VersionLayout.FromString,
+                _registered_method=True)
 
 
 class WeightServiceServicer:
@@ -95,6 +100,25 @@ class WeightServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeVersion(self, request, context):
+        """Describes one retained version for the bulk data plane: its tensor manifest and the CRC-32
+        of every bulk chunk, which the replica checks as the bytes arrive over TCP. Kept out of the
+        announcement so that announcements stay small whatever the model's size (a manifest entry
+        per tensor and 4 bytes per chunk).
+
+        Idempotent: yes (read-only).
+
+        Status codes:
+        OK                  the layout of the version.
+        INVALID_ARGUMENT    replica_id is empty.
+        NOT_FOUND           the version is not retained (too old, or never published).
+        UNAVAILABLE         the learner is not ready to serve weights, or it is shutting down.
+        DEADLINE_EXCEEDED   the client deadline passed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WeightServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +131,11 @@ def add_WeightServiceServicer_to_server(servicer, server):
                     servicer.FetchWeights,
                     request_deserializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.FetchWeightsRequest.FromString,
                     response_serializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.WeightChunk.SerializeToString,
+            ),
+            'DescribeVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeVersion,
+                    request_deserializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.DescribeVersionRequest.FromString,
+                    response_serializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.VersionLayout.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -164,6 +193,33 @@ class WeightService:
             '/puremesh.weights.v1.WeightService/FetchWeights',
             puremesh_dot_weights_dot_v1_dot_weights__pb2.FetchWeightsRequest.SerializeToString,
             puremesh_dot_weights_dot_v1_dot_weights__pb2.WeightChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/puremesh.weights.v1.WeightService/DescribeVersion',
+            puremesh_dot_weights_dot_v1_dot_weights__pb2.DescribeVersionRequest.SerializeToString,
+            puremesh_dot_weights_dot_v1_dot_weights__pb2.VersionLayout.FromString,
             options,
             channel_credentials,
             insecure,
