@@ -4,7 +4,7 @@
 given order, into ONE contiguous byte buffer (the layout of weights.proto: each tensor
 C-contiguous, little-endian, concatenated without padding), records the manifest, and computes
 once the SHA-256 of the whole buffer, the SHA-256 of every chunk at the default chunk size and
-the CRC-32 of every bulk chunk (threads: hashlib and zlib release the GIL), so that serving a
+the CRC-32 of every bulk chunk (threads: hashlib and the CRC-32 release the GIL), so that serving a
 version to N replicas costs no hashing and no copy of the buffer (a chunk is a memoryview slice
 of it). Then it wakes every WatchVersions stream.
 
@@ -149,7 +149,7 @@ class StoredVersion:
         self.storage = storage  # owns the bytes that `data` views
         self.data = memoryview(storage.numpy()).toreadonly()
         self._chunk_sha: dict[int, list[str | None]] = {info.chunk_bytes: list(chunk_sha256)}
-        self.chunk_crc32 = list(chunk_crc32)  # zlib.crc32 of each chunk at info.bulk_chunk_bytes
+        self.chunk_crc32 = list(chunk_crc32)  # CRC-32 (as zlib.crc32) of each chunk at info.bulk_chunk_bytes
         self._specs: list[weights_pb2.TensorSpec] | None = None
         self._layout: weights_pb2.VersionLayout | None = None
         # FetchWeights streams and bulk sends using it (WeightPublisher.acquire / release)

@@ -2,10 +2,11 @@
 
 `BulkReceiver` downloads one version's bytes over a plain TCP connection, on a worker thread:
 blocking `recv_into` straight into the preallocated buffer (no framing, no copy), and, as each
-CRC-32 chunk has fully arrived, a check of that chunk on a second thread (`zlib.crc32` releases
-the GIL, so checking overlaps with receiving). Chunks that fail their CRC-32 are asked for again
-by byte range on the same connection, up to `max_attempts` passes. Any failure raises
-`BulkError` with a reason, and the caller (weight_sync.WeightFetcher) falls back to FetchWeights.
+CRC-32 chunk has fully arrived, a check of that chunk on a second thread (ISA-L's CRC-32, zlib's
+where the isal wheel is missing; checking overlaps with receiving). Chunks that fail their
+CRC-32 are asked for again by byte range on the same connection, up to `max_attempts` passes.
+Any failure raises `BulkError` with a reason, and the caller (weight_sync.WeightFetcher)
+falls back to FetchWeights.
 
 The protocol constants are duplicated from the contract in weights.proto, as the learner's
 trainer/weight_bulk.py does: services/ and trainer/ never import each other.
@@ -97,7 +98,7 @@ class BulkReceiver:
     The layout (`set_layout`: the chunk size and the CRC-32s, from DescribeVersion) may come
     while `run()` already receives: the bytes do not wait for it, only the checks do. `abort()`,
     from any thread, makes a running `run()` fail at once. `checker` runs the CRC-32 checks
-    (one thread is enough: zlib checks several GB/s).
+    (one thread is enough: ISA-L checks about 20 GB/s, zlib about 4).
     """
 
     def __init__(
