@@ -208,6 +208,50 @@ def _batches(n: int, batch_size: int, lengths: Sequence[int], rng: random.Random
     return batches
 
 
+class SupervisedTraining:
+    """The optimisation shared by PRM training and the tiny world's SFT: AdamW (betas 0.9/0.98,
+    weight decay 0.01), linear warm-up over 5% of the steps then cosine decay, gradient
+    clipping at 1, and the mean loss of each logging window (`last`). Puts `model` in train mode.
+    """
+
+    def __init__(
+        self,
+        model,
+        total: int,
+        lr: float,
+        name: str,
+        log: Callable[[str], None] | None = None,
+        log_every: int = 100,
+    ) -> None:
+        warmup = max(1, total // 20)
+        self.model, self.total, self.name = model, total, name
+        self.log, self.log_every = log, log_every
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
+        )
+        model.train()
+        self.last = float("nan")
+        self._window: list[float] = []
+        self._began = time.perf_counter()
+
+    def step(self, step: int, loss: torch.Tensor) -> None:
+        """One optimizer step on `loss` (step counts from 1); logs every `log_every` steps."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.schedule.step()
+        self._window.append(loss.item())
+        if step % self.log_every == 0 or step == self.total:
+            self.last = sum(self._window) / len(self._window)
+            self._window = []
+            if self.log is not None:
+                elapsed = time.perf_counter() - self._began
+                self.log(f"  {self.name} step {step}/{self.total}  loss {self.last:.4f}  {elapsed:.0f} s")
+
+
 def train_prm(
     model: Any,
     rows: Sequence[EncodedRecord],
@@ -229,35 +273,17 @@ def train_prm(
     lengths = [len(r.input_ids) for r in rows]
     per_epoch = math.ceil(len(rows) / batch_size)
     total = max(1, round(epochs * per_epoch))
-    warmup = max(1, total // 20)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
-    )
     pad_id = int(model.config.pad_token_id or 0)
-    model.train()
-    began, window, last = time.perf_counter(), [], float("nan")
+    training = SupervisedTraining(model, total, lr, "prm", log, log_every)
     queue: list[list[int]] = []
     for step in range(1, total + 1):
         if not queue:
             queue = _batches(len(rows), batch_size, lengths, rng)
         input_ids, attention, row_at, pos_at, labels = _batch([rows[i] for i in queue.pop()], pad_id)
         logits = model(input_ids=input_ids, attention_mask=attention).logits
-        loss = torch.nn.functional.cross_entropy(logits[row_at, pos_at].float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        window.append(loss.item())
-        if step % log_every == 0 or step == total:
-            last = sum(window) / len(window)
-            window = []
-            if log is not None:
-                log(f"  prm step {step}/{total}  loss {last:.4f}  {time.perf_counter() - began:.0f} s")
+        training.step(step, torch.nn.functional.cross_entropy(logits[row_at, pos_at].float(), labels))
     model.eval()
-    return last
+    return training.last
 
 
 @torch.inference_mode()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import re
@@ -609,16 +608,10 @@ def train_causal_lm(
     in place. Returns the mean loss of the last logged window."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    warmup = max(1, steps // 20)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
-    )
-    model.train()
+    from .prm_train import SupervisedTraining
+
+    training = SupervisedTraining(model, steps, lr, "sft", log, log_every)
     queue: list[list[int]] = []
-    window: list[float] = []
-    last, began = float("nan"), time.perf_counter()
     for step in range(1, steps + 1):
         if not queue:  # a shuffled epoch, in batches of similar length (less padding)
             order = list(range(len(rows)))
@@ -637,20 +630,9 @@ def train_causal_lm(
             input_ids[i, : len(ids)] = torch.tensor(ids)
             attention[i, : len(ids)] = 1
             labels[i, : len(ids)] = torch.where(torch.tensor(mask) == 1, torch.tensor(ids), -100)
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        window.append(loss.item())
-        if step % log_every == 0 or step == steps:
-            last = sum(window) / len(window)
-            window = []
-            if log is not None:
-                log(f"  sft step {step}/{steps}  loss {last:.4f}  {time.perf_counter() - began:.0f} s")
+        training.step(step, model(input_ids=input_ids, attention_mask=attention, labels=labels).loss)
     model.eval()
-    return last
+    return training.last
 
 
 _BOXED_INT = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
