@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,16 @@ def tiny_prm_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: P
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir), local_files_only=True)
     tinyworld.build_prm(out, tokenizer, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def addition_problems(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """100 one-step addition problems in PURE's JSONL layout; every fifth has no ground truth."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rng = random.Random(0)
+    with path.open("w") as handle:
+        for i in range(100):
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            answer = str(a + b) if i % 5 else "null"
+            handle.write(json.dumps({"question": f"What is {a} + {b}?", "answer": answer}) + "\n")
+    return path

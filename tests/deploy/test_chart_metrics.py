@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import re
 import socket
 import subprocess
@@ -92,16 +91,6 @@ def rule_groups() -> list[dict]:
     return one(render(), "PrometheusRule")["spec"]["groups"]
 
 
-def write_problems(path: Path) -> Path:
-    rng = random.Random(0)
-    with path.open("w") as handle:
-        for i in range(40):
-            a, b = rng.randint(1, 9), rng.randint(1, 9)
-            answer = str(a + b) if i % 5 else "null"
-            handle.write(json.dumps({"question": f"What is {a} + {b}?", "answer": answer}) + "\n")
-    return path
-
-
 class LocalPrometheus:
     """Debian's prometheus on a free loopback port: 1 s scrapes of `targets`, the chart's rules."""
 
@@ -172,7 +161,7 @@ def observe(prometheus: LocalPrometheus, targets: list[str], observed: Observed)
 
 
 @pytest.fixture(scope="module")
-def observed(tiny_policy_dir, tiny_prm_dir, tmp_path_factory) -> Observed:
+def observed(tiny_policy_dir, tiny_prm_dir, addition_problems, tmp_path_factory) -> Observed:
     tool("prometheus")  # skip early when it is missing
     work = tmp_path_factory.mktemp("metrics")
     learner_port = free_port()
@@ -180,7 +169,7 @@ def observed(tiny_policy_dir, tiny_prm_dir, tmp_path_factory) -> Observed:
         {
             "learner": {
                 "policy_path": str(tiny_policy_dir),
-                "train_path": str(write_problems(work / "train.jsonl")),
+                "train_path": str(addition_problems),
                 "out_dir": str(work / "run"),
                 "steps": STEPS,
                 "checkpoint_every": STEPS,

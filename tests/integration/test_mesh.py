@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -25,18 +24,6 @@ from puremesh.cli.train import RunSettings, run_mesh
 from puremesh.services.rollout.client import RolloutClient
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def problems(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rng = random.Random(0)
-    with path.open("w") as handle:
-        for i in range(100):
-            a, b = rng.randint(1, 9), rng.randint(1, 9)
-            answer = str(a + b) if i % 5 else "null"
-            handle.write(json.dumps({"question": f"What is {a} + {b}?", "answer": answer}) + "\n")
-    return path
 
 
 def settings(
@@ -73,17 +60,17 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 async def test_training_survives_a_killed_replica_and_syncs_the_rest(
-    tiny_policy_dir, tiny_prm_dir, problems, tmp_path
+    tiny_policy_dir, tiny_prm_dir, addition_problems, tmp_path
 ):
     config = RunSettings.model_validate(
         settings(
             tiny_policy_dir,
             tiny_prm_dir,
-            problems,
+            addition_problems,
             tmp_path / "run",
             5,
             2,
-            eval={"heldout_path": str(problems), "n_eval": 4, "max_new_tokens": 12},
+            eval={"heldout_path": str(addition_problems), "n_eval": 4, "max_new_tokens": 12},
         )
     )
     mesh = {}
@@ -114,10 +101,12 @@ async def test_training_survives_a_killed_replica_and_syncs_the_rest(
     assert len(changed) > len(before) // 2, "PPO steps should change most weights"
 
 
-def test_killed_learner_resumes_from_its_checkpoint(tiny_policy_dir, tiny_prm_dir, problems, tmp_path):
+def test_killed_learner_resumes_from_its_checkpoint(
+    tiny_policy_dir, tiny_prm_dir, addition_problems, tmp_path
+):
     out = tmp_path / "run"
     config = tmp_path / "up.yaml"
-    config.write_text(yaml.safe_dump(settings(tiny_policy_dir, tiny_prm_dir, problems, out, 6, 1)))
+    config.write_text(yaml.safe_dump(settings(tiny_policy_dir, tiny_prm_dir, addition_problems, out, 6, 1)))
     command = [sys.executable, "-m", "puremesh.cli.main", "up", "--config", str(config)]
     journal = out / "metrics.jsonl"
 

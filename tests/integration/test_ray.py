@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -27,18 +25,6 @@ from puremesh.services.rollout.client import RolloutClient
 pytestmark = pytest.mark.integration
 
 STEPS = 2
-
-
-@pytest.fixture(scope="module")
-def problems(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rng = random.Random(0)
-    with path.open("w") as handle:
-        for i in range(50):
-            a, b = rng.randint(1, 9), rng.randint(1, 9)
-            answer = str(a + b) if i % 5 else "null"
-            handle.write(json.dumps({"question": f"What is {a} + {b}?", "answer": answer}) + "\n")
-    return path
 
 
 def config(policy: Path, prm: Path, problems: Path, out: Path) -> RunSettings:
@@ -118,10 +104,12 @@ def alive(process: psutil.Process) -> bool:
         return False
 
 
-async def test_up_ray_trains_through_the_ray_serve_proxy(tiny_policy_dir, tiny_prm_dir, problems, tmp_path):
+async def test_up_ray_trains_through_the_ray_serve_proxy(
+    tiny_policy_dir, tiny_prm_dir, addition_problems, tmp_path
+):
     import ray
 
-    settings = config(tiny_policy_dir, tiny_prm_dir, problems, tmp_path / "run")
+    settings = config(tiny_policy_dir, tiny_prm_dir, addition_problems, tmp_path / "run")
     seen: dict = {}
 
     def on_mesh(ray_serve) -> None:
