@@ -2,8 +2,10 @@
 # local virtual environment at .venv and install everything they need on first use.
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
-# pip warns about every local index folder it skips: noise, not news.
-QUIET := 2>&1 | { grep -v '^WARNING: Location' || true; }
+# pip warns about every local index folder it skips, and setuptools notes that an editable
+# install works through an import hook: noise, not news.
+QUIET := 2>&1 | { sed '/BuildBackendWarning: Editable installation/,/with strategy, WheelFile/d' \
+  | grep -v '^WARNING: Location' || true; }
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python

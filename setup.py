@@ -15,6 +15,11 @@ ROOTS = {
     "puremesh.cli": "cli",
     "puremesh.services": "services",
     "puremesh.trainer": "trainer",
+    "puremesh.rpc": "rpc",
+    "puremesh.contract": "contract",
+    "puremesh.weightsync": "weightsync",
+    "puremesh.tinyworld": "tinyworld",
+    "puremesh.supervised": "supervised",
     "puremesh": "protos/puremesh",
 }
 
@@ -31,4 +36,9 @@ def discover() -> tuple[list[str], dict[str, str]]:
 
 
 packages, package_dir = discover()
-setup(packages=packages, package_dir=package_dir, package_data={"puremesh.cli": ["examples/*.json"]})
+setup(
+    packages=packages,
+    package_dir=package_dir,
+    package_data={"puremesh.cli.examples": ["*.json"]},
+    include_package_data=False,
+)

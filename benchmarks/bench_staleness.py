@@ -17,7 +17,7 @@ import _common  # noqa: F401  (environment for vLLM on CPU)
 
 from puremesh.cli import tinyworld
 from puremesh.cli.demo import demo_settings
-from puremesh.cli.train import run_mesh
+from puremesh.cli.process_mesh import run_mesh
 
 
 def step_seconds(world, out: Path, staleness: int, steps: int, engine: str) -> list[float]:

@@ -86,8 +86,8 @@ async def _subscriber(index: int, target: str, rounds: int, bulk: bool, ready, r
 
 
 async def run_weights(tensors, fanout: int, rounds: int, chunk_bytes: int, bulk: bool) -> dict:
-    from puremesh.services.common.server import ServiceDefinition, ServiceHost
-    from puremesh.services.common.settings import ServerSettings
+    from puremesh.rpc.server import ServiceDefinition, ServiceHost
+    from puremesh.rpc.settings import ServerSettings
     from puremesh.trainer.weights import (
         SERVICE_NAME,
         WeightPublisher,

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import json
 
+from puremesh.contract.services import SERVICES, ServiceName
+
 from .errors import CliError
 
 
@@ -20,19 +22,19 @@ def _add_target(parser: argparse.ArgumentParser, default_port: int) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     verify = sub.add_parser("verify", help="grade a response against a ground truth (VerifyService)")
-    _add_target(verify, 50053)
+    _add_target(verify, SERVICES[ServiceName.VERIFY].grpc_port)
     verify.add_argument("--response", required=True, help="the response text")
     verify.add_argument("--ground-truth", help="the reference answer; empty or 'null' means none")
     verify.set_defaults(run=run_verify)
 
     score = sub.add_parser("score", help="score each step of a response with the PRM (PrmService)")
-    _add_target(score, 50052)
+    _add_target(score, SERVICES[ServiceName.PRM].grpc_port)
     score.add_argument("--question", required=True, help="the prompt the response answers")
     score.add_argument("--response", required=True, help='the response; steps are separated by "\n\n"')
     score.set_defaults(run=run_score)
 
     generate = sub.add_parser("generate", help="sample responses to a prompt (RolloutService)")
-    _add_target(generate, 50051)
+    _add_target(generate, SERVICES[ServiceName.ROLLOUT].grpc_port)
     generate.add_argument("--prompt", required=True, help="the prompt text")
     generate.add_argument("-n", type=int, default=1, help="number of samples (default: %(default)s)")
     generate.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: %(default)s)")
@@ -44,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(coroutine):
-    from puremesh.services.common.client import RpcError
+    from puremesh.rpc.client import RpcError
 
     try:
         return asyncio.run(coroutine)

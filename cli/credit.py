@@ -157,7 +157,7 @@ def _number_list(item: dict, key: str, where: str) -> list[float]:
     return [float(v) for v in values]
 
 
-def _parse_response(item: Any, where: str) -> ResponseInput:
+def _parse_response(item: Any, where: str) -> ResponseInput:  # noqa: C901 (H4 splits it)
     if not isinstance(item, dict):
         raise CliError(f"{where} must be an object")
     unknown = sorted(set(item) - RESPONSE_KEYS)

@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def demo_settings(world, out: Path, credit: str, steps: int | None, n_eval: int | None, engine: str):
     """The demo budget: sized so that bootstrap plus both runs fit in 15 minutes on 2 CPU cores."""
-    from .train import RunSettings
+    from .run_settings import RunSettings
 
     return RunSettings.model_validate(
         {
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from . import tinyworld
-    from .train import run_mesh
+    from .process_mesh import run_mesh
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

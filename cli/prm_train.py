@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from puremesh.services.prm import layout
+from puremesh.contract import steps as layout
 
 from .errors import CliError
 

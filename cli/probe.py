@@ -14,9 +14,12 @@ import argparse
 import asyncio
 import time
 
-from .errors import CliError
+from puremesh.contract.services import ServiceName
+from puremesh.rpc.client import NO_RETRY, RpcError
+from puremesh.rpc.errors import RETRYABLE_CODES
+from puremesh.services.registry import entry
 
-SERVICES = ("rollout", "prm", "verify")
+from .errors import CliError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "exits 0 when healthy, 1 otherwise.",
     )
     parser.add_argument("--target", required=True, help="host:port of the service or the Ray Serve proxy")
-    parser.add_argument("--service", required=True, choices=SERVICES)
+    parser.add_argument("--service", required=True, choices=sorted(ServiceName))
     parser.add_argument(
         "--application", default="", help="Ray Serve application name (probe through the gRPC proxy)"
     )
@@ -39,26 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _client(service: str, target: str, timeout: float, application: str):
-    from puremesh.services.common.client import NO_RETRY
-
-    if service == "rollout":
-        from puremesh.services.rollout.client import RolloutClient
-
-        return RolloutClient(target, timeout, NO_RETRY, application)
-    if service == "prm":
-        from puremesh.services.prm.client import PrmClient
-
-        return PrmClient(target, timeout, NO_RETRY, application)
-    from puremesh.services.verify.client import VerifyClient
-
-    return VerifyClient(target, timeout, NO_RETRY, application)
+    return entry(service).client()(target, timeout, NO_RETRY, application)
 
 
 async def probe(service: str, target: str, application: str = "", timeout: float = 10.0) -> str:
     """The probe's description of a healthy service; RpcError (the last one) otherwise."""
-    from puremesh.services.common.client import RpcError
-    from puremesh.services.common.errors import RETRYABLE_CODES
-
     deadline = time.monotonic() + timeout
     async with _client(service, target, timeout, application) as client:
         while True:
@@ -73,8 +61,6 @@ async def probe(service: str, target: str, application: str = "", timeout: float
 
 
 def run(args: argparse.Namespace) -> int:
-    from puremesh.services.common.client import RpcError
-
     if args.timeout <= 0:
         raise CliError("--timeout must be positive")
     via = f" (application {args.application})" if args.application else ""

@@ -1,5 +1,5 @@
 """`puremesh up --ray`: the mesh of `puremesh up`, with the services as Ray Serve applications
-(services/common/ray_serve.py) on a local Ray instance, reached through Ray Serve's gRPC proxy.
+(services/ray_serve.py) on a local Ray instance, reached through Ray Serve's gRPC proxy.
 
 The learner is the same code as for the process mesh: only its endpoints (the proxy, one
 target for every service) and the `application` metadata on its calls differ. As there, the
@@ -18,11 +18,16 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from puremesh.contract.services import ServiceName
+from puremesh.rpc.settings import SettingsError
+from puremesh.services.ray_serve import APPS, GRPC_SERVICER_FUNCTIONS
+from puremesh.services.registry import entry
 from puremesh.trainer.loop import RunResult
 from puremesh.trainer.settings import LearnerSettings
 
 from .errors import CliError
-from .train import MeshLayout, RayLayout, RunSettings, _learn
+from .learner import learn
+from .run_settings import MeshLayout, RayLayout, RunSettings
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +56,6 @@ class LocalRayServe:
         from ray import serve
         from ray.serve.config import gRPCOptions
 
-        from puremesh.services.common.ray_serve import GRPC_SERVICER_FUNCTIONS
-
         ray.init(
             address="local",  # a new instance, never one that happens to run on this machine
             num_cpus=self.layout.num_cpus or os.cpu_count(),
@@ -73,8 +76,6 @@ class LocalRayServe:
     def deploy(self, apps: dict[str, Any]) -> None:
         """Deploy {name: serve.Application}; returns once every replica is ready."""
         from ray import serve
-
-        from puremesh.services.common.ray_serve import APPS
 
         targets = [
             serve.RunTarget(target=app, name=name, route_prefix=APPS[name].route_prefix)
@@ -109,12 +110,10 @@ def _session_dir() -> str:
 
 def deployment_args(layout: MeshLayout) -> dict[str, dict[str, Any]]:
     """Each service's args["deployment"] for a local mesh."""
-    rollout = {"min_replicas": layout.rollout_replicas, "max_replicas": layout.rollout_replicas}
-    return {
-        "rollout": {**LOCAL_DEPLOYMENT, **rollout, **layout.ray.rollout},
-        "prm": {**LOCAL_DEPLOYMENT, **layout.ray.prm},
-        "verify": {**LOCAL_DEPLOYMENT, **layout.ray.verify},
-    }
+    replicas = {"min_replicas": layout.rollout_replicas, "max_replicas": layout.rollout_replicas}
+    args = {str(name): {**LOCAL_DEPLOYMENT, **getattr(layout.ray, name)} for name in ServiceName}
+    args[ServiceName.ROLLOUT] = {**LOCAL_DEPLOYMENT, **replicas, **layout.ray.rollout}
+    return args
 
 
 def service_settings(layout: MeshLayout, learner: LearnerSettings, weights_target: str) -> dict[str, dict]:
@@ -123,30 +122,26 @@ def service_settings(layout: MeshLayout, learner: LearnerSettings, weights_targe
     def local(settings: dict[str, Any]) -> dict[str, Any]:
         return {**settings, "server": {**settings.get("server", {}), "port": 0, "metrics_port": 0}}
 
+    settings = {str(name): local(layout.service(name)) for name in ServiceName}
     rollout = {"model_path": learner.policy_path, **layout.rollout, "weights_target": weights_target}
-    return {"rollout": local(rollout), "prm": local(layout.prm), "verify": local(layout.verify)}
+    settings[ServiceName.ROLLOUT] = local(rollout)
+    return settings
 
 
 def build_apps(layout: MeshLayout, learner: LearnerSettings, weights_target: str) -> dict[str, Any]:
     """{name: serve.Application} of the three services (SettingsError names a bad setting)."""
-    from puremesh.services.prm.ray_app import build_app as prm_app
-    from puremesh.services.rollout.ray_app import build_app as rollout_app
-    from puremesh.services.verify.ray_app import build_app as verify_app
-
     settings = service_settings(layout, learner, weights_target)
     deployments = deployment_args(layout)
-    builders = {"rollout": rollout_app, "prm": prm_app, "verify": verify_app}
     return {
-        name: build({"settings": settings[name], "deployment": deployments[name]})
-        for name, build in builders.items()
+        str(name): entry(name).ray_builder()({"settings": settings[name], "deployment": deployments[name]})
+        for name in ServiceName
     }
 
 
 def expected_replicas(layout: MeshLayout) -> int:
     """Rollout replicas the learner waits for at start (the deployment's initial count)."""
-    from puremesh.services.rollout.ray_app import SPEC
-
-    deployment = SPEC.deployment_settings(deployment_args(layout)["rollout"])
+    spec = entry(ServiceName.ROLLOUT).ray_spec()
+    deployment = spec.deployment_settings(deployment_args(layout)[ServiceName.ROLLOUT])
     return max(1, deployment.initial_replicas or deployment.min_replicas)
 
 
@@ -155,9 +150,6 @@ async def run_mesh_ray(
 ) -> RunResult:
     """`puremesh up --ray`: Ray and Serve, the WeightService, the three applications, then train.
     `on_mesh(LocalRayServe)` is called once the applications serve."""
-    from puremesh.services.common.ray_serve import APPS
-    from puremesh.services.common.settings import SettingsError
-
     learner, layout = settings.learner, settings.mesh
     try:
         replicas = expected_replicas(layout)
@@ -173,18 +165,13 @@ async def run_mesh_ray(
         await asyncio.to_thread(ray_serve.deploy, apps)
         if on_mesh is not None:
             on_mesh(ray_serve)
-        endpoints = learner.endpoints.model_copy(
-            update={
-                "rollout": [ray_serve.target],
-                "prm": [ray_serve.target],
-                "verify": [ray_serve.target],
-                "applications": {name: APPS[name].name for name in ("rollout", "prm", "verify")},
-            }
-        )
+        proxy = {str(name): [ray_serve.target] for name in ServiceName}
+        applications = {str(name): APPS[name].name for name in ServiceName}
+        endpoints = learner.endpoints.model_copy(update={**proxy, "applications": applications})
         return learner.model_copy(update={"endpoints": endpoints})
 
     try:
         ray_serve.start()  # before the learner's gRPC server: Ray forks its processes
-        return await _learn(learner, replicas, resume, start_services, progress, on_step)
+        return await learn(learner, replicas, resume, start_services, progress, on_step)
     finally:
         ray_serve.stop()

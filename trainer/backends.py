@@ -1,6 +1,6 @@
 """What the learner needs from the mesh, as plain-Python protocols.
 
-trainer/ never imports services/ (ARCHITECTURE.md rule 2): the composition root (cli/mesh.py)
+trainer/ never imports services/ (ARCHITECTURE.md rule 2): the composition root (cli/adapters.py)
 adapts the services' gRPC clients to these protocols, including fail-over between endpoints.
 Tests may plug in doubles to isolate the learner; the integration tests use the real mesh.
 """

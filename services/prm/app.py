@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from puremesh.prm.v1 import prm_pb2_grpc
-from puremesh.services.common.server import ServiceDefinition
+from puremesh.rpc.server import ServiceDefinition
 
 from .servicer import SERVICE, PrmServicer
 from .settings import PrmSettings

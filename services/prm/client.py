@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from puremesh.common.v1 import common_pb2
 from puremesh.prm.v1 import prm_pb2, prm_pb2_grpc
-from puremesh.services.common.client import (
+from puremesh.rpc.client import (
     RetryPolicy,
     call_metadata,
     call_unary,

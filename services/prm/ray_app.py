@@ -1,5 +1,5 @@
 """The PRM service as a Ray Serve application: `puremesh.services.prm.ray_app:build_app`
-(names, args and ports: services/common/ray_serve.py)."""
+(names, args and ports: services/ray_serve.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from puremesh.prm.v1 import prm_pb2
-from puremesh.services.common.ray_serve import APPS, ServiceReplica, ServiceSpec, build_application
+from puremesh.services.ray_serve import APPS, ServiceReplica, ServiceSpec, build_application
 
 from .app import prm_service
 from .settings import ENV_PREFIX, PrmSettings

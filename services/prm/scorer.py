@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-from . import layout
+from puremesh.contract import steps as layout
 
 # (input_ids, readout_positions): one row of a forward pass, as built by layout.prm_input.
 ScoreItem = tuple[Sequence[int], Sequence[int]]

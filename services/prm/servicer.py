@@ -11,8 +11,8 @@ from prometheus_client import Histogram
 
 from puremesh.common.v1 import common_pb2
 from puremesh.prm.v1 import prm_pb2, prm_pb2_grpc
-from puremesh.services.common import metrics
-from puremesh.services.common.errors import InvalidArgument, NotReady, Overloaded
+from puremesh.rpc import metrics
+from puremesh.rpc.errors import InvalidArgument, NotReady, Overloaded
 
 from .batcher import BatcherFull, BatcherStopped, DynamicBatcher
 from .scorer import PrmScorer

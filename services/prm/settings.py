@@ -6,14 +6,16 @@ from typing import Literal
 
 from pydantic import Field
 
-from puremesh.services.common.settings import FrozenSettings, ServerSettings
+from puremesh.contract.services import SERVICES, ServiceName
+from puremesh.rpc.settings import FrozenSettings, ServerSettings
 
 ENV_PREFIX = "PUREMESH_PRM__"
-DEFAULT_PORT = 50052
+INFO = SERVICES[ServiceName.PRM]
+DEFAULT_PORT = INFO.grpc_port
 
 
 class PrmSettings(FrozenSettings):
-    server: ServerSettings = ServerSettings(port=DEFAULT_PORT, metrics_port=9102)
+    server: ServerSettings = ServerSettings(port=DEFAULT_PORT, metrics_port=INFO.metrics_port)
     model_path: str = Field("", description="local directory of a Qwen2-style token-classification PRM")
     device: str = Field("cpu", description='torch device, e.g. "cpu" or "cuda:0"')
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -6,7 +6,7 @@ import logging
 import socket
 
 from puremesh.rollout.v1 import rollout_pb2_grpc
-from puremesh.services.common.server import ServiceDefinition
+from puremesh.rpc.server import ServiceDefinition
 
 from .engine import Engine
 from .servicer import POLICY_VERSION, SERVICE, RolloutServicer

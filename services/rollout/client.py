@@ -9,7 +9,7 @@ import grpc
 
 from puremesh.common.v1 import common_pb2
 from puremesh.rollout.v1 import rollout_pb2, rollout_pb2_grpc
-from puremesh.services.common.client import (
+from puremesh.rpc.client import (
     RetryPolicy,
     RpcError,
     call_metadata,

@@ -1,5 +1,5 @@
 """The rollout service as a Ray Serve application: `puremesh.services.rollout.ray_app:build_app`
-(names, args and ports: services/common/ray_serve.py)."""
+(names, args and ports: services/ray_serve.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from puremesh.rollout.v1 import rollout_pb2
-from puremesh.services.common.ray_serve import APPS, ServiceReplica, ServiceSpec, build_application
+from puremesh.services.ray_serve import APPS, ServiceReplica, ServiceSpec, build_application
 
 from .app import rollout_service
 from .servicer import SERVICE

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 from prometheus_client import Counter, Gauge
 
 from puremesh.rollout.v1 import rollout_pb2, rollout_pb2_grpc
-from puremesh.services.common import metrics
-from puremesh.services.common.errors import InvalidArgument, NotReady, Overloaded, StaleWeights
+from puremesh.rpc import metrics
+from puremesh.rpc.errors import InvalidArgument, NotReady, Overloaded, StaleWeights
 
 from .engine import Engine, EngineNotReadyError, FinishedSample, SamplingSpec
 from .settings import RolloutSettings

@@ -6,14 +6,16 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from puremesh.services.common.settings import FrozenSettings, ServerSettings
+from puremesh.contract.services import SERVICES, ServiceName
+from puremesh.rpc.settings import FrozenSettings, ServerSettings
 
 ENV_PREFIX = "PUREMESH_ROLLOUT__"
-DEFAULT_PORT = 50051
+INFO = SERVICES[ServiceName.ROLLOUT]
+DEFAULT_PORT = INFO.grpc_port
 
 
 class RolloutSettings(FrozenSettings):
-    server: ServerSettings = ServerSettings(port=DEFAULT_PORT, metrics_port=9101)
+    server: ServerSettings = ServerSettings(port=DEFAULT_PORT, metrics_port=INFO.metrics_port)
     engine: Literal["hf", "vllm"] = Field("hf", description="hf = transformers (CPU default), vllm = vLLM")
     model_path: str = Field("", description="local directory of the policy (config, safetensors, tokenizer)")
     model_name: str = Field("", description="name reported by GetStatus; defaults to model_path")

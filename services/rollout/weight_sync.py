@@ -50,7 +50,7 @@ import grpc
 import torch
 from prometheus_client import Counter, Histogram
 
-from puremesh.services.common.client import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, RpcError
+from puremesh.rpc.client import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, RpcError
 from puremesh.weights.v1 import weights_pb2, weights_pb2_grpc
 
 from .engine import Engine

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from puremesh.services.common.server import ServiceDefinition
+from puremesh.rpc.server import ServiceDefinition
 from puremesh.verify.v1 import verify_pb2_grpc
 
 from .pool import GradingPool

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from puremesh.services.common.client import (
+from puremesh.rpc.client import (
     RetryPolicy,
     call_metadata,
     call_unary,

@@ -1,12 +1,12 @@
 """The verify service as a Ray Serve application: `puremesh.services.verify.ray_app:build_app`
-(names, args and ports: services/common/ray_serve.py)."""
+(names, args and ports: services/ray_serve.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from puremesh.services.common.ray_serve import APPS, ServiceReplica, ServiceSpec, build_application
+from puremesh.services.ray_serve import APPS, ServiceReplica, ServiceSpec, build_application
 from puremesh.verify.v1 import verify_pb2
 
 from .app import verify_service

@@ -5,8 +5,8 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge
 
 from puremesh.common.v1 import common_pb2
-from puremesh.services.common import metrics
-from puremesh.services.common.errors import InvalidArgument
+from puremesh.rpc import metrics
+from puremesh.rpc.errors import InvalidArgument
 from puremesh.verify.v1 import verify_pb2, verify_pb2_grpc
 
 from .grading import Verdict

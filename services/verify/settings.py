@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from puremesh.services.common.settings import FrozenSettings, ServerSettings
+from puremesh.contract.services import SERVICES, ServiceName
+from puremesh.rpc.settings import FrozenSettings, ServerSettings
 
 ENV_PREFIX = "PUREMESH_VERIFY__"
-DEFAULT_PORT = 50053
+INFO = SERVICES[ServiceName.VERIFY]
+DEFAULT_PORT = INFO.grpc_port
 
 
 class VerifySettings(FrozenSettings):
-    server: ServerSettings = ServerSettings(port=DEFAULT_PORT, metrics_port=9103)
+    server: ServerSettings = ServerSettings(port=DEFAULT_PORT, metrics_port=INFO.metrics_port)
     workers: int = Field(2, ge=1, le=256, description="grading processes")
     item_timeout_seconds: float = Field(5.0, gt=0, le=600, description="hard limit per graded item")
     max_items: int = Field(4096, ge=1, description="items per Verify call; more is INVALID_ARGUMENT")

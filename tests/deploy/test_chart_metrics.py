@@ -27,7 +27,8 @@ import pytest
 import yaml
 from chartkit import CHART, one, render, tool
 
-from puremesh.cli.train import RunSettings, run_mesh
+from puremesh.cli.process_mesh import run_mesh
+from puremesh.cli.run_settings import RunSettings
 
 pytestmark = pytest.mark.integration
 

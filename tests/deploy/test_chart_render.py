@@ -352,7 +352,7 @@ def test_one_worker_group_per_service_advertising_its_resource(case, docs):
     the head) fit a replica, and the group can grow to the application's max_replicas."""
     from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 
-    from puremesh.services.common.ray_serve import APPS as RAY_APPS
+    from puremesh.services.ray_serve import APPS as RAY_APPS
 
     rayservice = one(docs, "RayService")
     cluster = rayservice["spec"]["rayClusterConfig"]
@@ -707,8 +707,8 @@ def test_values_schema_allows_only_ray_serve_options():
 
 
 def test_serve_config_matches_the_ray_apps(docs):
-    from puremesh.services.common.ray_serve import APPS as RAY_APPS
-    from puremesh.services.common.ray_serve import GRPC_SERVICER_FUNCTIONS, parse_args
+    from puremesh.services.ray_serve import APPS as RAY_APPS
+    from puremesh.services.ray_serve import GRPC_SERVICER_FUNCTIONS, parse_args
 
     config = serve_config(docs)
     assert sorted(config["grpc_options"]["grpc_servicer_functions"]) == sorted(GRPC_SERVICER_FUNCTIONS)

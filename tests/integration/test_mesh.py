@@ -20,7 +20,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from puremesh.cli.train import RunSettings, run_mesh
+from puremesh.cli.process_mesh import run_mesh
+from puremesh.cli.run_settings import RunSettings
 from puremesh.services.rollout.client import RolloutClient
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from puremesh.cli.ray_mesh import run_mesh_ray
-from puremesh.cli.train import RunSettings
+from puremesh.cli.run_settings import RunSettings
 from puremesh.services.rollout.client import RolloutClient
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from puremesh.cli import tinyworld
-from puremesh.services.prm import layout
+from puremesh.contract import steps as layout
 from puremesh.services.prm.batcher import BatcherFull, BatcherStopped, BatchStats, DynamicBatcher
 from puremesh.services.prm.scorer import PrmScorer
 

@@ -11,8 +11,8 @@ import pytest
 
 from puremesh.common.v1 import common_pb2
 from puremesh.prm.v1 import prm_pb2, prm_pb2_grpc
-from puremesh.services.common.client import RpcError
-from puremesh.services.common.server import ServiceHost
+from puremesh.rpc.client import RpcError
+from puremesh.rpc.server import ServiceHost
 from puremesh.services.prm.app import prm_service
 from puremesh.services.prm.client import PrmClient
 from puremesh.services.prm.scorer import PrmScorer

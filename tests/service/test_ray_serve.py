@@ -17,17 +17,17 @@ from transformers import AutoModelForCausalLM
 from puremesh.cli.main import main
 from puremesh.prm.v1 import prm_pb2
 from puremesh.rollout.v1 import rollout_pb2
-from puremesh.services.common import metrics
-from puremesh.services.common.ray_serve import (
+from puremesh.rpc import metrics
+from puremesh.rpc.server import ServiceDefinition, ServiceHost
+from puremesh.rpc.settings import ServerSettings, SettingsError
+from puremesh.services.prm.ray_app import PrmDeployment
+from puremesh.services.ray_serve import (
     APPS,
     GRPC_SERVICER_FUNCTIONS,
     CallAborted,
     RayDeploymentSettings,
     parse_args,
 )
-from puremesh.services.common.server import ServiceDefinition, ServiceHost
-from puremesh.services.common.settings import ServerSettings, SettingsError
-from puremesh.services.prm.ray_app import PrmDeployment
 from puremesh.services.rollout.ray_app import SPEC as ROLLOUT_SPEC
 from puremesh.services.rollout.ray_app import RolloutDeployment
 from puremesh.services.verify.app import verify_service

@@ -12,8 +12,8 @@ import torch
 
 from puremesh.common.v1 import common_pb2
 from puremesh.rollout.v1 import rollout_pb2, rollout_pb2_grpc
-from puremesh.services.common.client import RpcError
-from puremesh.services.common.server import ServiceHost
+from puremesh.rpc.client import RpcError
+from puremesh.rpc.server import ServiceHost
 from puremesh.services.rollout.app import rollout_service
 from puremesh.services.rollout.client import RolloutClient, Sampling
 from puremesh.services.rollout.settings import RolloutSettings

@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from puremesh.common.v1 import common_pb2
-from puremesh.services.common.client import RpcError
-from puremesh.services.common.server import ServiceHost
+from puremesh.rpc.client import RpcError
+from puremesh.rpc.server import ServiceHost
 from puremesh.services.verify.app import verify_service
 from puremesh.services.verify.client import VerifyClient
 from puremesh.services.verify.settings import VerifySettings

@@ -20,9 +20,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoModelForCausalLM
 
 from puremesh.rollout.v1 import rollout_pb2, rollout_pb2_grpc
-from puremesh.services.common.client import RetryPolicy
-from puremesh.services.common.server import ServiceDefinition, ServiceHost
-from puremesh.services.common.settings import ServerSettings
+from puremesh.rpc.client import RetryPolicy
+from puremesh.rpc.server import ServiceDefinition, ServiceHost
+from puremesh.rpc.settings import ServerSettings
 from puremesh.services.rollout import weight_sync
 from puremesh.services.rollout.app import rollout_service
 from puremesh.services.rollout.engine import SamplingSpec

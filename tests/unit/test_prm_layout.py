@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from puremesh.services.prm import layout
+from puremesh.contract import steps as layout
 
 S, T, E, NL = 90, 91, 99, 10  # separators S and T, EOS E, "\n" NL
 SEPS = frozenset({S, T})

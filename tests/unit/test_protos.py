@@ -149,32 +149,33 @@ def source_descriptors(tmp_path: Path) -> list[descriptor_pb2.FileDescriptorProt
     return list(files)
 
 
+def _enum_elements(e, prefix, path):
+    yield "enum", f"{prefix}.{e.name}", path
+    for j, v in enumerate(e.value):
+        yield "enum value", f"{prefix}.{e.name}.{v.name}", (*path, ENUM_VALUE, j)
+
+
+def _message_elements(m, prefix, path):
+    name = f"{prefix}.{m.name}"
+    yield "message", name, path
+    for j, field in enumerate(m.field):
+        yield "field", f"{name}.{field.name}", (*path, MSG_FIELD, j)
+    synthetic = {f.oneof_index for f in m.field if f.proto3_optional}  # from `optional`
+    for j, oneof in enumerate(m.oneof_decl):
+        if j not in synthetic:
+            yield "oneof", f"{name}.{oneof.name}", (*path, MSG_ONEOF, j)
+    for j, nested in enumerate(m.nested_type):
+        yield from _message_elements(nested, name, (*path, MSG_NESTED, j))
+    for j, e in enumerate(m.enum_type):
+        yield from _enum_elements(e, name, (*path, MSG_ENUM, j))
+
+
 def elements(f: descriptor_pb2.FileDescriptorProto):
     """(kind, qualified name, source path) for every element that must carry a comment."""
-
-    def enum(e, prefix, path):
-        yield "enum", f"{prefix}.{e.name}", path
-        for j, v in enumerate(e.value):
-            yield "enum value", f"{prefix}.{e.name}.{v.name}", (*path, ENUM_VALUE, j)
-
-    def message(m, prefix, path):
-        name = f"{prefix}.{m.name}"
-        yield "message", name, path
-        for j, field in enumerate(m.field):
-            yield "field", f"{name}.{field.name}", (*path, MSG_FIELD, j)
-        synthetic = {f.oneof_index for f in m.field if f.proto3_optional}  # from `optional`
-        for j, oneof in enumerate(m.oneof_decl):
-            if j not in synthetic:
-                yield "oneof", f"{name}.{oneof.name}", (*path, MSG_ONEOF, j)
-        for j, nested in enumerate(m.nested_type):
-            yield from message(nested, name, (*path, MSG_NESTED, j))
-        for j, e in enumerate(m.enum_type):
-            yield from enum(e, name, (*path, MSG_ENUM, j))
-
     for i, m in enumerate(f.message_type):
-        yield from message(m, f.package, (FILE_MESSAGE, i))
+        yield from _message_elements(m, f.package, (FILE_MESSAGE, i))
     for i, e in enumerate(f.enum_type):
-        yield from enum(e, f.package, (FILE_ENUM, i))
+        yield from _enum_elements(e, f.package, (FILE_ENUM, i))
     for i, s in enumerate(f.service):
         yield "service", f"{f.package}.{s.name}", (FILE_SERVICE, i)
         for j, method in enumerate(s.method):

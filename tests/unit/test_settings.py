@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from puremesh.services.common.settings import ServerSettings, SettingsError, load_settings
+from puremesh.rpc.settings import ServerSettings, SettingsError, load_settings
 from puremesh.services.verify.settings import ENV_PREFIX, VerifySettings
 
 
@@ -47,7 +47,7 @@ def test_missing_file():
 def test_shipped_run_config_is_valid():
     from pathlib import Path
 
-    from puremesh.cli.train import RunSettings
+    from puremesh.cli.run_settings import RunSettings
 
     root = Path(__file__).resolve().parents[2]
     settings = load_settings(RunSettings, root / "configs" / "local.yaml")

@@ -18,7 +18,7 @@ import grpc
 import pytest
 import torch
 
-from puremesh.services.common.client import RetryPolicy, RpcError
+from puremesh.rpc.client import RetryPolicy, RpcError
 from puremesh.services.rollout import weight_bulk, weight_sync
 from puremesh.services.rollout.weight_sync import Announcement, WeightFetcher, WeightSyncError, split_chunk
 from puremesh.trainer.weights import (

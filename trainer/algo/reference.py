@@ -69,7 +69,7 @@ def _check_response(response: dict, where: str) -> None:
         raise ValueError(f"{where}: one KL value per token expected")
 
 
-def _group_advantages(
+def _group_advantages(  # noqa: C901 (H4 splits it)
     group: list[dict],
     *,
     credit: str,

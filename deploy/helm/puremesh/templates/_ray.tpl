@@ -86,7 +86,7 @@ spec:
 
 {{/*
 The Ray custom resource a service's worker group advertises and its replicas request (the Python
-side: services/common/ray_serve.py ServeApp.resource).
+side: services/ray_serve.py ServeApp.resource).
 */}}
 {{- define "puremesh.rayResource" -}}
 puremesh_{{ . }}

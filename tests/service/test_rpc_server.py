@@ -1,4 +1,5 @@
-"""services/common: a real grpc.aio server on port 0 hosting a test servicer of a real v1 service.
+"""puremesh.rpc, the shared RPC layer: a real grpc.aio server on port 0 hosting a test servicer
+of a real v1 service.
 
 The test servicer isolates the host's behaviour (readiness, status table, draining, limits,
 metrics); the real verify/prm/rollout servicers are exercised through the same host in their own
@@ -14,10 +15,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from puremesh.services.common import errors
-from puremesh.services.common.client import RetryPolicy, RpcError, call_unary, open_channel
-from puremesh.services.common.server import ServiceDefinition, ServiceHost
-from puremesh.services.common.settings import ServerSettings
+from puremesh.rpc import errors
+from puremesh.rpc.client import RetryPolicy, RpcError, call_unary, open_channel
+from puremesh.rpc.server import ServiceDefinition, ServiceHost
+from puremesh.rpc.settings import ServerSettings
 from puremesh.verify.v1 import verify_pb2, verify_pb2_grpc
 
 FULL_NAME = "puremesh.verify.v1.VerifyService"

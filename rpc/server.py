@@ -122,7 +122,7 @@ class ServiceHost:
     def handler(self, full_name: str, method: str, inner: Callable[..., Any], stream: bool = False):
         """`inner` (a servicer method) behind the same admission, error mapping and metrics as a
         call through this host's gRPC server: for adapters that receive calls another way (Ray
-        Serve, services/common/ray_serve.py). The result takes (request, context); the context
+        Serve, services/ray_serve.py). The result takes (request, context); the context
         needs `abort(code, details)` (raising) and `time_remaining()`."""
         interceptor = _HostInterceptor(self)
         service = self.services[full_name]

@@ -1,8 +1,8 @@
 """Step splitting and the PRM input layout, on token ids (pure-algorithm.md sections 1 and 2).
 
-Pure: stdlib only, plain values in and out, no I/O. The trainer keeps its own tensor version
-(trainer/algo/steps.py); both follow the same definition, so a response has the same steps here
-and there:
+The one definition of steps, shared by the PRM service, PRM training and the learner (which
+turns the spans into tensors in trainer/algo/steps.py). Pure: stdlib only, plain values in and
+out, no I/O.
 
 * A *separator* is every vocabulary id whose decoded text ends with "\\n\\n".
 * Step ends are the separator tokens of the response plus its last token. A response with no
@@ -36,11 +36,14 @@ def separator_ids(
     `tokenizer.decode([id])` returns), not a byte-level BPE's raw symbols such as "ĊĊ".
     Compute this once per tokenizer.
     """
+    pairs: list[tuple[int, str]] = []
     if isinstance(vocabulary, Mapping):
-        pairs = [(k, v) if isinstance(k, int) else (v, k) for k, v in vocabulary.items()]
+        for key, value in vocabulary.items():
+            token, text = (key, value) if isinstance(key, int) else (value, key)
+            pairs.append((int(token), str(text)))
     else:
         pairs = list(enumerate(vocabulary))
-    return frozenset(int(i) for i, text in pairs if text.endswith(suffix))
+    return frozenset(token for token, text in pairs if text.endswith(suffix))
 
 
 def split_steps(response_ids: Sequence[int], separator_ids: Iterable[int]) -> list[Span]:

@@ -85,28 +85,9 @@ def load_settings(
         raise ValueError("give a settings file or data, not both")
     data = copy.deepcopy(dict(data)) if data is not None else {}
     if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except OSError as error:
-            raise SettingsError(f"cannot read settings file {path}: {error.strerror}") from error
-        except yaml.YAMLError as error:
-            raise SettingsError(f"settings file {path} is not valid YAML: {error}") from error
-        if loaded is not None and not isinstance(loaded, dict):
-            raise SettingsError(f"settings file {path} must hold a mapping at the top level")
-        data = loaded or {}
+        data = _read_yaml(Path(path))
     if env_prefix:
-        environ = os.environ if environ is None else environ
-        for name, raw in sorted(environ.items()):
-            if not name.startswith(env_prefix):
-                continue
-            keys = [k.lower() for k in name[len(env_prefix) :].split("__") if k]
-            if not keys:
-                continue
-            try:
-                value = yaml.safe_load(raw) if raw.strip() else raw
-            except yaml.YAMLError:
-                value = raw
-            _nest(data, keys, value)
+        _apply_environment(data, env_prefix, os.environ if environ is None else environ)
     if overrides:
         data = _merge(data, _drop_none(overrides))
     try:
@@ -115,6 +96,33 @@ def load_settings(
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"
         raise SettingsError(f"invalid setting {where}: {first['msg']}") from error
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise SettingsError(f"cannot read settings file {path}: {error.strerror}") from error
+    except yaml.YAMLError as error:
+        raise SettingsError(f"settings file {path} is not valid YAML: {error}") from error
+    if loaded is not None and not isinstance(loaded, dict):
+        raise SettingsError(f"settings file {path} must hold a mapping at the top level")
+    return loaded or {}
+
+
+def _apply_environment(data: dict[str, Any], prefix: str, environ: Mapping[str, str]) -> None:
+    """Nest every PREFIX_A__B=value variable into `data` as data["a"]["b"] (a YAML scalar)."""
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(prefix):
+            continue
+        keys = [k.lower() for k in name[len(prefix) :].split("__") if k]
+        if not keys:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        _nest(data, keys, value)
 
 
 def _drop_none(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Only codes in errors.RETRYABLE_CODES are retried. A server stream is retried onl
 has not delivered a message, so a caller never sees a message twice.
 
 A service behind a Ray Serve gRPC proxy is named by the `application` metadata key on every
-call (services/common/ray_serve.py); `call_metadata` builds it, none for a standalone server.
+call (services/ray_serve.py); `call_metadata` builds it, none for a standalone server.
 """
 
 from __future__ import annotations

@@ -58,8 +58,10 @@ from typing import Any, ClassVar
 import grpc
 from pydantic import Field, ValidationError, model_validator
 
-from .server import ServiceDefinition, ServiceHost
-from .settings import FrozenSettings, SettingsError, load_settings, log_settings
+from puremesh.rpc.server import ServiceDefinition, ServiceHost
+from puremesh.rpc.settings import FrozenSettings, SettingsError, load_settings, log_settings
+
+from .registry import REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +91,7 @@ class ServeApp:
 
 
 APPS: dict[str, ServeApp] = {
-    "rollout": ServeApp(
-        "rollout",
-        "RolloutDeployment",
-        "puremesh.rollout.v1.rollout_pb2_grpc.add_RolloutServiceServicer_to_server",
-    ),
-    "prm": ServeApp("prm", "PrmDeployment", "puremesh.prm.v1.prm_pb2_grpc.add_PrmServiceServicer_to_server"),
-    "verify": ServeApp(
-        "verify", "VerifyDeployment", "puremesh.verify.v1.verify_pb2_grpc.add_VerifyServiceServicer_to_server"
-    ),
+    str(e.name): ServeApp(str(e.name), e.deployment, e.servicer_function) for e in REGISTRY.values()
 }
 GRPC_SERVICER_FUNCTIONS = [app.servicer_function for app in APPS.values()]
 

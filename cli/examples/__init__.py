@@ -1,0 +1,1 @@
+"""Example inputs shipped with the CLI (package data: `puremesh credit --example` reads them)."""

@@ -1,1 +1,0 @@
-"""Shared service plumbing: server bootstrap, status-code table, settings, metrics, clients."""

@@ -1,0 +1,1 @@
+"""The tiny world: a synthetic task, tokenizer, policy and PRM built offline for the demo and tests."""

@@ -1,0 +1,1 @@
+"""Weight sync: the learner publishes policy versions, rollout replicas pull them (docs/LAYOUT.md)."""
