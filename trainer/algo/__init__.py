@@ -1,17 +1,15 @@
 """PURE math: credit transforms, RLOO baselines, returns, normalisation, PPO loss, diagnostics.
 
+The algorithm's choices (enums) and defaults are written once, in options.py.
+
 A pure core: imports only the standard library and torch, takes plain tensors, never a
 config object, never does I/O (ARCHITECTURE.md rule 1).
 """
 
 from .advantages import (
-    BASELINES,
-    KL_ESTIMATORS,
-    REWARD_MODES,
-    BaselineKind,
-    KlEstimator,
+    BASELINE_SHARES,
+    KL_ESTIMATES,
     PureAdvantages,
-    RewardMode,
     kl_estimate,
     leave_one_out,
     normalize_advantages,
@@ -22,14 +20,34 @@ from .advantages import (
     verifiable_advantage,
 )
 from .credit import (
-    CREDIT_METHODS,
-    CreditMethod,
+    CREDIT_TRANSFORMS,
     credit_transform,
     outcome_reward,
     softmin_weights,
     suffix_min,
 )
 from .diagnostics import prm_vr_agreement, repeat_score, steps_per_response
+from .options import (
+    BASELINES,
+    CREDIT_METHODS,
+    DEFAULT_BASELINE,
+    DEFAULT_CLIP_EPS,
+    DEFAULT_CREDIT,
+    DEFAULT_KL_COEF,
+    DEFAULT_KL_ESTIMATOR,
+    DEFAULT_NORMALIZE,
+    DEFAULT_REWARD_MODE,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_VR_COEF,
+    KL_ESTIMATORS,
+    NORMALIZE_EPS,
+    REWARD_MODES,
+    BaselineKind,
+    CreditMethod,
+    KlEstimator,
+    RewardMode,
+    parse_choice,
+)
 from .ppo import PpoLoss, masked_sequence_mean, ppo_loss
 from .steps import (
     STEP_SEPARATOR,
@@ -43,8 +61,21 @@ from .steps import (
 
 __all__ = [
     "BASELINES",
+    "BASELINE_SHARES",
     "CREDIT_METHODS",
+    "CREDIT_TRANSFORMS",
+    "DEFAULT_BASELINE",
+    "DEFAULT_CLIP_EPS",
+    "DEFAULT_CREDIT",
+    "DEFAULT_KL_COEF",
+    "DEFAULT_KL_ESTIMATOR",
+    "DEFAULT_NORMALIZE",
+    "DEFAULT_REWARD_MODE",
+    "DEFAULT_TEMPERATURE",
+    "DEFAULT_VR_COEF",
+    "KL_ESTIMATES",
     "KL_ESTIMATORS",
+    "NORMALIZE_EPS",
     "REWARD_MODES",
     "STEP_SEPARATOR",
     "BaselineKind",
@@ -60,6 +91,7 @@ __all__ = [
     "masked_sequence_mean",
     "normalize_advantages",
     "outcome_reward",
+    "parse_choice",
     "ppo_loss",
     "prm_vr_agreement",
     "pure_advantages",

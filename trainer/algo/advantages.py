@@ -2,24 +2,38 @@
 
 Shapes: B responses, L padded tokens, K padded steps; G prompt groups. `group_index` [B] long
 gives each response's group (any ids; each group needs at least two responses).
+`pure_advantages` runs credit assignment end to end; the choices it takes are the enums of
+options.py, dispatched through `BASELINE_SHARES` and `KL_ESTIMATES` here and
+`CREDIT_TRANSFORMS` in credit.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from .credit import CreditMethod, credit_transform, outcome_reward
+from .credit import credit_transform, outcome_reward
+from .options import (
+    DEFAULT_BASELINE,
+    DEFAULT_CREDIT,
+    DEFAULT_KL_COEF,
+    DEFAULT_KL_ESTIMATOR,
+    DEFAULT_NORMALIZE,
+    DEFAULT_REWARD_MODE,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_VR_COEF,
+    NORMALIZE_EPS,
+    BaselineKind,
+    CreditMethod,
+    KlEstimator,
+    RewardMode,
+    parse_choice,
+)
 from .steps import StepLayout, step_layout
 
-RewardMode = Literal["prm", "vr", "prm+vr"]
-BaselineKind = Literal["token", "step"]
-KlEstimator = Literal["k1", "k3"]
-REWARD_MODES: tuple[str, ...] = ("prm", "vr", "prm+vr")
-BASELINES: tuple[str, ...] = ("token", "step")
-KL_ESTIMATORS: tuple[str, ...] = ("k1", "k3")
+Pair = tuple[torch.Tensor, torch.Tensor]
 
 
 def _group_sums(values: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
@@ -61,6 +75,25 @@ def step_level_baseline(
     return total / count
 
 
+def _token_share(outcome: torch.Tensor, layout: StepLayout, group_index: torch.Tensor) -> Pair:
+    """abar_i [B] and its share of each step, abar_i * m_{i,k} [B, K]."""
+    per_response = token_level_baseline(outcome, layout.response_lengths, group_index)
+    return per_response, per_response.unsqueeze(-1) * layout.content_tokens.to(outcome.dtype)
+
+
+def _step_share(outcome: torch.Tensor, layout: StepLayout, group_index: torch.Tensor) -> Pair:
+    """b_i [B] and its share of each step, b_i [B, K]."""
+    per_response = step_level_baseline(outcome, layout.num_steps, group_index)
+    return per_response, per_response.unsqueeze(-1).expand(-1, layout.step_mask.shape[1])
+
+
+# (outcome [B], layout, group_index [B]) -> (baseline [B], share of each step [B, K])
+BASELINE_SHARES: dict[BaselineKind, Callable[[torch.Tensor, StepLayout, torch.Tensor], Pair]] = {
+    BaselineKind.TOKEN: _token_share,
+    BaselineKind.STEP: _step_share,
+}
+
+
 def verifiable_advantage(
     solved: torch.Tensor, has_ground_truth: torch.Tensor, group_index: torch.Tensor
 ) -> torch.Tensor:
@@ -70,21 +103,34 @@ def verifiable_advantage(
     return v - others_total / others_count
 
 
+def _k1(logp_old: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    return logp_old - logp_ref
+
+
+def _k3(logp_old: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    d = logp_ref - logp_old
+    return torch.expm1(d) - d
+
+
+# (logp_old [B, L], logp_ref [B, L]) -> per-token estimate [B, L]
+KL_ESTIMATES: dict[KlEstimator, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    KlEstimator.K1: _k1,
+    KlEstimator.K3: _k3,
+}
+
+
 def kl_estimate(
-    logp_old: torch.Tensor, logp_ref: torch.Tensor, token_mask: torch.Tensor, estimator: KlEstimator = "k1"
+    logp_old: torch.Tensor,
+    logp_ref: torch.Tensor,
+    token_mask: torch.Tensor,
+    estimator: KlEstimator | str = DEFAULT_KL_ESTIMATOR,
 ) -> torch.Tensor:
     """Per-token KL(policy || reference) estimate, [B, L] (0 on padding).
 
     k1 = logp_old - logp_ref (S1); k3 = exp(d) - d - 1 with d = logp_ref - logp_old
     (non-negative, lower variance; S2).
     """
-    if estimator == "k1":
-        kl = logp_old - logp_ref
-    elif estimator == "k3":
-        d = logp_ref - logp_old
-        kl = torch.expm1(d) - d
-    else:
-        raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+    kl = KL_ESTIMATES[parse_choice(KlEstimator, estimator, "KL estimator")](logp_old, logp_ref)
     return torch.where(token_mask, kl, torch.zeros_like(kl))
 
 
@@ -96,7 +142,7 @@ def returns_to_go(token_rewards: torch.Tensor, token_mask: torch.Tensor) -> torc
 
 
 def normalize_advantages(
-    advantages: torch.Tensor, token_mask: torch.Tensor, eps: float = 1e-8
+    advantages: torch.Tensor, token_mask: torch.Tensor, eps: float = NORMALIZE_EPS
 ) -> torch.Tensor:
     """Batch normalisation of S1 (pure-algorithm.md section 4). [B, L] -> [B, L].
 
@@ -108,7 +154,7 @@ def normalize_advantages(
     return _normalize_zero_padded(masked, int(token_mask.sum()), eps)
 
 
-def _normalize_zero_padded(a: torch.Tensor, valid_tokens: int, eps: float = 1e-8) -> torch.Tensor:
+def _normalize_zero_padded(a: torch.Tensor, valid_tokens: int, eps: float = NORMALIZE_EPS) -> torch.Tensor:
     """normalize_advantages for advantages already 0 on padding, given the number of valid tokens.
 
     Written with float arithmetic and in-place updates: on CPU, boolean masks over [B, L] cost
@@ -162,13 +208,13 @@ def pure_advantages(
     solved: torch.Tensor | None = None,
     has_ground_truth: torch.Tensor | None = None,
     kl: torch.Tensor | None = None,
-    credit: CreditMethod = "min",
-    temperature: float = 0.1,
-    reward_mode: RewardMode = "prm+vr",
-    baseline: BaselineKind = "token",
-    kl_coef: float = 0.001,
-    vr_coef: float = 1.0,
-    normalize: bool = True,
+    credit: CreditMethod | str = DEFAULT_CREDIT,
+    temperature: float = DEFAULT_TEMPERATURE,
+    reward_mode: RewardMode | str = DEFAULT_REWARD_MODE,
+    baseline: BaselineKind | str = DEFAULT_BASELINE,
+    kl_coef: float = DEFAULT_KL_COEF,
+    vr_coef: float = DEFAULT_VR_COEF,
+    normalize: bool = DEFAULT_NORMALIZE,
 ) -> PureAdvantages:
     """PURE credit assignment for a batch of prompt groups, end to end.
 
@@ -177,59 +223,24 @@ def pure_advantages(
     step_end_mask, token_mask [B, L] bool (see steps.py); group_index [B] long.
     solved, has_ground_truth [B] bool (default: no ground truth anywhere).
     kl [B, L] per-token KL estimate (see kl_estimate); None = no KL penalty.
+    credit, reward_mode, baseline: the enums of options.py or their strings.
     Returns PureAdvantages; `normalized` is what the PPO loss consumes.
     """
-    if reward_mode not in REWARD_MODES:
-        raise ValueError(f"unknown reward mode {reward_mode!r}; expected one of {REWARD_MODES}")
-    if baseline not in BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r}; expected one of {BASELINES}")
+    mode = parse_choice(RewardMode, reward_mode, "reward mode")
+    share_of = BASELINE_SHARES[parse_choice(BaselineKind, baseline, "baseline")]
     layout = step_layout(step_end_mask, token_mask)
-    width = layout.step_mask.shape[1]
-    if step_scores.shape[1] < width:
-        raise ValueError(f"step_scores has {step_scores.shape[1]} columns but a response has {width} steps")
-    scores = step_scores[:, :width]
-    if reward_mode == "vr":
-        scores = torch.zeros_like(scores)
-    scores = torch.where(layout.step_mask, scores, torch.zeros_like(scores))
-
+    scores = _used_scores(step_scores, layout, mode)
     weights, transformed = credit_transform(scores, layout.step_mask, credit, temperature)
     outcome = outcome_reward(transformed, layout.step_mask)
-    if baseline == "token":
-        per_response = token_level_baseline(outcome, layout.response_lengths, group_index)
-        share = per_response.unsqueeze(-1) * layout.content_tokens.to(scores.dtype)
-    else:
-        per_response = step_level_baseline(outcome, layout.num_steps, group_index)
-        share = per_response.unsqueeze(-1).expand_as(scores)
+    per_response, share = share_of(outcome, layout, group_index)
     share = torch.where(layout.step_mask, share, torch.zeros_like(share))
     step_rewards = transformed - share
-
     vt = torch.zeros_like(outcome)
-    if reward_mode != "prm":
-        if solved is None or has_ground_truth is None:
-            solved = torch.zeros_like(outcome, dtype=torch.bool)
-            has_ground_truth = torch.zeros_like(outcome, dtype=torch.bool)
-        vt = verifiable_advantage(solved, has_ground_truth, group_index).to(outcome.dtype)
-        last_step = (layout.num_steps - 1).clamp(min=0).unsqueeze(-1)
-        vr_bonus = torch.zeros_like(step_rewards).scatter_(1, last_step, (vr_coef * vt).unsqueeze(-1))
-        step_rewards = step_rewards + torch.where(layout.step_mask, vr_bonus, torch.zeros_like(vr_bonus))
-
-    if kl is not None and kl_coef != 0:
-        token_rewards = torch.where(token_mask, kl.to(step_rewards.dtype), 0.0).mul_(-kl_coef)
-    else:
-        token_rewards = step_rewards.new_zeros(token_mask.shape)
-    token_rewards.index_put_(
-        (layout.end_rows, layout.end_cols),
-        step_rewards[layout.end_rows, layout.end_steps],
-        accumulate=True,
-    )
-    # Reverse cumulative sum as total - prefix + own (cheaper than flipping twice). Right
-    # padding holds no reward, so returns are already 0 there.
-    returns = token_rewards.cumsum(-1)
-    totals = returns[:, -1:].clone()
-    returns.neg_().add_(totals).add_(token_rewards)
-    # Step ends (EOS included) get advantage 0; padding already holds 0.
-    advantages = returns.clone()
-    advantages[layout.end_rows, layout.end_cols] = 0.0
+    if mode.verifiable:
+        vt = _verifiable(outcome, solved, has_ground_truth, group_index)
+        step_rewards = step_rewards + _last_step_bonus(vr_coef * vt, layout)
+    token_rewards = _token_rewards(step_rewards, layout, token_mask, kl, kl_coef)
+    returns, advantages = _returns_and_advantages(token_rewards, layout)
     valid_tokens = int(layout.response_lengths.sum())
     normalized = _normalize_zero_padded(advantages, valid_tokens) if normalize else advantages
     return PureAdvantages(
@@ -247,3 +258,69 @@ def pure_advantages(
         advantages=advantages,
         normalized=normalized,
     )
+
+
+def _used_scores(step_scores: torch.Tensor, layout: StepLayout, mode: RewardMode) -> torch.Tensor:
+    """The step scores [B, K] as credit assignment reads them: K columns, 0 on padding and in
+    `vr` mode. ValueError if step_scores [B, K'] has fewer columns than a response has steps."""
+    width = layout.step_mask.shape[1]
+    if step_scores.shape[1] < width:
+        raise ValueError(f"step_scores has {step_scores.shape[1]} columns but a response has {width} steps")
+    scores = step_scores[:, :width]
+    if not mode.process:
+        scores = torch.zeros_like(scores)
+    return torch.where(layout.step_mask, scores, torch.zeros_like(scores))
+
+
+def _verifiable(
+    outcome: torch.Tensor,
+    solved: torch.Tensor | None,
+    has_ground_truth: torch.Tensor | None,
+    group_index: torch.Tensor,
+) -> torch.Tensor:
+    """vt [B] in the dtype of outcome [B]; no ground truth anywhere when either mask is None."""
+    if solved is None or has_ground_truth is None:
+        solved = torch.zeros_like(outcome, dtype=torch.bool)
+        has_ground_truth = torch.zeros_like(outcome, dtype=torch.bool)
+    return verifiable_advantage(solved, has_ground_truth, group_index).to(outcome.dtype)
+
+
+def _last_step_bonus(bonus: torch.Tensor, layout: StepLayout) -> torch.Tensor:
+    """bonus [B] placed on each response's last step: [B, K], 0 elsewhere."""
+    last_step = (layout.num_steps - 1).clamp(min=0).unsqueeze(-1)
+    width = layout.step_mask.shape[1]
+    placed = bonus.new_zeros(bonus.shape[0], width).scatter_(1, last_step, bonus.unsqueeze(-1))
+    return torch.where(layout.step_mask, placed, torch.zeros_like(placed))
+
+
+def _token_rewards(
+    step_rewards: torch.Tensor,
+    layout: StepLayout,
+    token_mask: torch.Tensor,
+    kl: torch.Tensor | None,
+    kl_coef: float,
+) -> torch.Tensor:
+    """rho [B, L]: rt [B, K] on each step's end token, minus kl_coef * kl [B, L] on every token."""
+    if kl is not None and kl_coef != 0:
+        token_rewards = torch.where(token_mask, kl.to(step_rewards.dtype), 0.0).mul_(-kl_coef)
+    else:
+        token_rewards = step_rewards.new_zeros(token_mask.shape)
+    token_rewards.index_put_(
+        (layout.end_rows, layout.end_cols),
+        step_rewards[layout.end_rows, layout.end_steps],
+        accumulate=True,
+    )
+    return token_rewards
+
+
+def _returns_and_advantages(token_rewards: torch.Tensor, layout: StepLayout) -> Pair:
+    """(returns G [B, L], advantages [B, L]: G with step ends at 0) from rho [B, L]."""
+    # Reverse cumulative sum as total - prefix + own (cheaper than flipping twice). Right
+    # padding holds no reward, so returns are already 0 there.
+    returns = token_rewards.cumsum(-1)
+    totals = returns[:, -1:].clone()
+    returns.neg_().add_(totals).add_(token_rewards)
+    # Step ends (EOS included) get advantage 0; padding already holds 0.
+    advantages = returns.clone()
+    advantages[layout.end_rows, layout.end_cols] = 0.0
+    return returns, advantages

@@ -2,16 +2,20 @@
 
 All functions take step scores r [B, K] with a step mask [B, K] (valid steps left-aligned) and
 return tensors of the same shape, zero on padded steps. Values under the mask never matter.
+`CREDIT_TRANSFORMS` maps each CreditMethod to its transform; `credit_transform` dispatches.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
 
 import torch
 
-CreditMethod = Literal["min", "sum", "mean", "strict-min"]
-CREDIT_METHODS: tuple[str, ...] = ("min", "sum", "mean", "strict-min")
+from .options import DEFAULT_CREDIT, DEFAULT_TEMPERATURE, CreditMethod, parse_choice
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+# (scores [B, K], step_mask [B, K], temperature) -> (weights [B, K], transformed [B, K])
+CreditTransform = Callable[[torch.Tensor, torch.Tensor, float], Pair]
 
 
 def _zero_padding(values: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
@@ -37,12 +41,49 @@ def suffix_min(scores: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
     return _zero_padding(g, step_mask)
 
 
+def _min_form(scores: torch.Tensor, step_mask: torch.Tensor, temperature: float) -> Pair:
+    """w = softmin(-r / T), the PURE default."""
+    weights = softmin_weights(scores, step_mask, temperature)
+    return weights, weights * scores
+
+
+def _sum_form(scores: torch.Tensor, step_mask: torch.Tensor, temperature: float) -> Pair:
+    """w = 1 (T unused)."""
+    return step_mask.to(scores.dtype), scores.clone()
+
+
+def _mean_form(scores: torch.Tensor, step_mask: torch.Tensor, temperature: float) -> Pair:
+    """w = 1 / K_i (T unused)."""
+    count = step_mask.sum(dim=-1, keepdim=True).clamp(min=1).to(scores.dtype)
+    weights = step_mask.to(scores.dtype) / count
+    return weights, weights * scores
+
+
+def _strict_min_form(scores: torch.Tensor, step_mask: torch.Tensor, temperature: float) -> Pair:
+    """r*_k = g_k - g_{k+1}, g the suffix minimum, g_{K+1} = 0; weights one-hot (T unused)."""
+    g = suffix_min(scores, step_mask)
+    g_next = torch.cat([g[:, 1:], torch.zeros_like(g[:, :1])], dim=-1)
+    transformed = _zero_padding(g - g_next, step_mask)
+    masked = torch.where(step_mask, scores, torch.full_like(scores, torch.inf))
+    first_lowest = masked.argmin(dim=-1, keepdim=True)
+    weights = torch.zeros_like(scores).scatter_(1, first_lowest, 1.0)
+    return _zero_padding(weights, step_mask), transformed
+
+
+CREDIT_TRANSFORMS: dict[CreditMethod, CreditTransform] = {
+    CreditMethod.MIN: _min_form,
+    CreditMethod.SUM: _sum_form,
+    CreditMethod.MEAN: _mean_form,
+    CreditMethod.STRICT_MIN: _strict_min_form,
+}
+
+
 def credit_transform(
     scores: torch.Tensor,
     step_mask: torch.Tensor,
-    method: CreditMethod = "min",
-    temperature: float = 0.1,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    method: CreditMethod | str = DEFAULT_CREDIT,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> Pair:
     """Transformed step rewards r* and the weights that produced them.
 
     scores [B, K] in [-1, 1], step_mask [B, K] bool -> (weights [B, K], transformed [B, K]),
@@ -55,26 +96,8 @@ def credit_transform(
                     are the T -> 0 limit of min: one-hot on the first lowest step (so that
                     sum_k w_k r_k = O_i); transformed is not w * r for it.
     """
-    scores = _zero_padding(scores, step_mask)
-    if method == "min":
-        weights = softmin_weights(scores, step_mask, temperature)
-        return weights, weights * scores
-    if method == "sum":
-        weights = step_mask.to(scores.dtype)
-        return weights, scores.clone()
-    if method == "mean":
-        count = step_mask.sum(dim=-1, keepdim=True).clamp(min=1).to(scores.dtype)
-        weights = step_mask.to(scores.dtype) / count
-        return weights, weights * scores
-    if method == "strict-min":
-        g = suffix_min(scores, step_mask)
-        g_next = torch.cat([g[:, 1:], torch.zeros_like(g[:, :1])], dim=-1)
-        transformed = _zero_padding(g - g_next, step_mask)
-        masked = torch.where(step_mask, scores, torch.full_like(scores, torch.inf))
-        first_lowest = masked.argmin(dim=-1, keepdim=True)
-        weights = torch.zeros_like(scores).scatter_(1, first_lowest, 1.0)
-        return _zero_padding(weights, step_mask), transformed
-    raise ValueError(f"unknown credit method {method!r}; expected one of {CREDIT_METHODS}")
+    transform = CREDIT_TRANSFORMS[parse_choice(CreditMethod, method, "credit method")]
+    return transform(_zero_padding(scores, step_mask), step_mask, temperature)
 
 
 def outcome_reward(transformed: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .options import DEFAULT_CLIP_EPS
+
 
 def masked_sequence_mean(values: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     """Mean over each sequence's valid tokens, then over sequences with at least one token.
@@ -38,7 +40,7 @@ def ppo_loss(
     logp_old: torch.Tensor,
     advantages: torch.Tensor,
     token_mask: torch.Tensor,
-    clip_eps: float = 0.2,
+    clip_eps: float = DEFAULT_CLIP_EPS,
 ) -> PpoLoss:
     """Per token -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) with ratio = exp(new - old),
     aggregated as the mean over sequences of each sequence's token mean.
