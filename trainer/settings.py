@@ -1,34 +1,59 @@
 """Learner settings: frozen pydantic models (ARCHITECTURE.md rule 5). Defaults follow S1 of
-pure-algorithm.md, scaled to what the tiny CPU world can do where noted."""
+pure-algorithm.md, scaled to what the tiny CPU world can do where noted; the algorithm's
+choices and defaults are trainer/algo/options.py's."""
 
 from __future__ import annotations
 
-from typing import Literal
+from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from puremesh.contract.services import ServiceName
+from puremesh.rpc.settings import FrozenSettings
+
+from .algo.options import (
+    DEFAULT_BASELINE,
+    DEFAULT_CLIP_EPS,
+    DEFAULT_CREDIT,
+    DEFAULT_KL_COEF,
+    DEFAULT_KL_ESTIMATOR,
+    DEFAULT_NORMALIZE,
+    DEFAULT_REWARD_MODE,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_VR_COEF,
+    BaselineKind,
+    CreditMethod,
+    KlEstimator,
+    RewardMode,
+)
 
 ENV_PREFIX = "PUREMESH_LEARNER__"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class PolicyDtype(StrEnum):
+    """Floating-point type of the policy's (and reference's) weights; the torch dtype's name."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
 
 
-class AlgoSettings(_Frozen):
+class AlgoSettings(FrozenSettings):
     """Credit assignment and the PPO objective (pure-algorithm.md sections 3-5)."""
 
-    credit: Literal["min", "sum", "mean", "strict-min"] = "min"
-    temperature: float = Field(0.1, gt=0, description="softmin temperature T of min-form credit")
-    reward_mode: Literal["prm", "vr", "prm+vr"] = "prm+vr"
-    baseline: Literal["token", "step"] = "token"
-    kl_coef: float = Field(0.001, ge=0, description="beta: KL penalty in the token rewards")
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    vr_coef: float = Field(1.0, ge=0, description="verifiable-reward coefficient")
-    normalize: bool = Field(True, description="batch normalisation of advantages")
-    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip")
+    credit: CreditMethod = DEFAULT_CREDIT
+    temperature: float = Field(
+        DEFAULT_TEMPERATURE, gt=0, description="softmin temperature T of min-form credit"
+    )
+    reward_mode: RewardMode = DEFAULT_REWARD_MODE
+    baseline: BaselineKind = DEFAULT_BASELINE
+    kl_coef: float = Field(DEFAULT_KL_COEF, ge=0, description="beta: KL penalty in the token rewards")
+    kl_estimator: KlEstimator = DEFAULT_KL_ESTIMATOR
+    vr_coef: float = Field(DEFAULT_VR_COEF, ge=0, description="verifiable-reward coefficient")
+    normalize: bool = Field(DEFAULT_NORMALIZE, description="batch normalisation of advantages")
+    clip_eps: float = Field(DEFAULT_CLIP_EPS, gt=0, lt=1, description="PPO ratio clip")
 
 
-class OptimSettings(_Frozen):
+class OptimSettings(FrozenSettings):
     lr: float = Field(5e-7, gt=0, description="Adam learning rate (constant)")
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = Field(0.0, ge=0)
@@ -37,7 +62,7 @@ class OptimSettings(_Frozen):
     minibatches: int = Field(2, ge=1, description="optimizer steps per pass (S1: 2 per rollout batch)")
 
 
-class SamplingSettings(_Frozen):
+class SamplingSettings(FrozenSettings):
     prompts_per_step: int = Field(64, ge=1, description="prompt groups per training step")
     samples_per_prompt: int = Field(4, ge=2, description="responses per prompt (n >= 2 for RLOO)")
     temperature: float = Field(0.5, ge=0)
@@ -47,21 +72,21 @@ class SamplingSettings(_Frozen):
     max_staleness: int = Field(0, ge=0, description="oldest usable sample, in policy versions; 0 = on-policy")
 
 
-class EndpointSettings(_Frozen):
+class EndpointSettings(FrozenSettings):
     """Where the services are (host:port lists; several rollout replicas allowed)."""
 
     rollout: list[str] = Field(default_factory=list)
     prm: list[str] = Field(default_factory=list)
     verify: list[str] = Field(default_factory=list)
     call_timeout_seconds: float = Field(600.0, gt=0, description="deadline of each service call")
-    applications: dict[Literal["rollout", "prm", "verify"], str] = Field(
+    applications: dict[ServiceName, str] = Field(
         default_factory=dict,
         description="Ray Serve application per service when its targets are Ray Serve gRPC proxies, "
         "sent as `application` metadata on every call (e.g. {rollout: rollout}); none = standalone",
     )
 
 
-class WeightServerSettings(_Frozen):
+class WeightServerSettings(FrozenSettings):
     """The learner's WeightService (gRPC control plane) and its bulk data plane (plain TCP)."""
 
     host: str = "127.0.0.1"
@@ -90,21 +115,21 @@ class WeightServerSettings(_Frozen):
     )
 
 
-class EvalSettings(_Frozen):
+class EvalSettings(FrozenSettings):
     heldout_path: str = Field("", description="held-out problems (JSONL or parquet); empty = no eval")
     n_eval: int = Field(500, ge=1)
     every_steps: int = Field(0, ge=0, description="evaluate every N steps; 0 = only before and after")
     max_new_tokens: int = Field(256, ge=1)
 
 
-class LearnerSettings(_Frozen):
+class LearnerSettings(FrozenSettings):
     policy_path: str = Field(..., description="local directory of the starting policy (and reference)")
     train_path: str = Field(..., description="training problems (JSONL or parquet, PURE layout)")
     out_dir: str = Field("runs/latest", description="checkpoints, metrics.jsonl")
     steps: int = Field(100, ge=1)
     seed: int = 0
     device: str = "cpu"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: PolicyDtype = PolicyDtype.FLOAT32
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus port; None = off")
