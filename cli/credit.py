@@ -6,19 +6,28 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import textwrap
 from dataclasses import dataclass
+from enum import StrEnum
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field, ValidationError
 
+from puremesh.rpc.settings import FrozenSettings
 from puremesh.trainer.algo import (
-    BASELINES,
-    CREDIT_METHODS,
-    REWARD_MODES,
+    DEFAULT_BASELINE,
+    DEFAULT_CREDIT,
+    DEFAULT_REWARD_MODE,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_VR_COEF,
+    BaselineKind,
+    CreditMethod,
     PureAdvantages,
+    RewardMode,
     pure_advantages,
     step_end_mask_from_lengths,
 )
@@ -27,16 +36,26 @@ from .errors import CliError
 
 RESPONSE_KEYS = {"step_tokens", "step_scores", "solved", "has_ground_truth", "kl"}
 TABLE_WIDTH = 100
+FLAGS = {
+    "credit": "--credit",
+    "temperature": "--temperature",
+    "mode": "--mode",
+    "baseline": "--baseline",
+    "kl_coef": "--kl-coef",
+    "vr_coef": "--vr-coef",
+}
 
 
-@dataclass(frozen=True)
-class CreditSettings:
-    credit: str = "min"
-    temperature: float = 0.1
-    mode: str = "prm+vr"
-    baseline: str = "token"
-    kl_coef: float = 0.0
-    vr_coef: float = 1.0
+class CreditSettings(FrozenSettings):
+    """The options of one explanation; the algorithm's defaults (trainer/algo/options.py),
+    except the KL penalty, which an explanation leaves out unless asked for."""
+
+    credit: CreditMethod = DEFAULT_CREDIT
+    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, allow_inf_nan=False)
+    mode: RewardMode = DEFAULT_REWARD_MODE
+    baseline: BaselineKind = DEFAULT_BASELINE
+    kl_coef: float = Field(0.0, allow_inf_nan=False, description="beta; 0 = the worked example's")
+    vr_coef: float = Field(DEFAULT_VR_COEF, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -67,17 +86,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def _values(kind: type[StrEnum]) -> list[str]:
+    """The flag's choices as plain strings (argparse prints them in usage and errors)."""
+    return [member.value for member in kind]
+
+
 def add_credit_flags(parser: argparse.ArgumentParser) -> None:
     defaults = CreditSettings()
-    parser.add_argument("--credit", choices=CREDIT_METHODS, default=defaults.credit)
+    parser.add_argument("--credit", choices=_values(CreditMethod), default=defaults.credit.value)
     parser.add_argument(
         "--temperature",
         type=float,
         default=defaults.temperature,
         help="softmin temperature T of min-form credit (default: %(default)s)",
     )
-    parser.add_argument("--mode", choices=REWARD_MODES, default=defaults.mode)
-    parser.add_argument("--baseline", choices=BASELINES, default=defaults.baseline)
+    parser.add_argument("--mode", choices=_values(RewardMode), default=defaults.mode.value)
+    parser.add_argument("--baseline", choices=_values(BaselineKind), default=defaults.baseline.value)
     parser.add_argument(
         "--kl-coef",
         type=float,
@@ -93,15 +117,13 @@ def add_credit_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> CreditSettings:
-    settings = CreditSettings(
-        args.credit, args.temperature, args.mode, args.baseline, args.kl_coef, args.vr_coef
-    )
-    if not (math.isfinite(settings.temperature) and settings.temperature > 0):
-        raise CliError(f"--temperature must be a positive number, got {settings.temperature}")
-    for flag, value in (("--kl-coef", settings.kl_coef), ("--vr-coef", settings.vr_coef)):
-        if not math.isfinite(value):
-            raise CliError(f"{flag} must be a finite number, got {value}")
-    return settings
+    values = {field: getattr(args, field) for field in FLAGS}
+    try:
+        return CreditSettings(**values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = str(first["loc"][0])
+        raise CliError(f"{FLAGS[field]} {values[field]}: {first['msg']}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,8 +141,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def read_source(name: str) -> tuple[str, str]:
-    import sys
-
     if name == "-":
         return sys.stdin.read(), "stdin"
     try:
@@ -157,7 +177,8 @@ def _number_list(item: dict, key: str, where: str) -> list[float]:
     return [float(v) for v in values]
 
 
-def _parse_response(item: Any, where: str) -> ResponseInput:  # noqa: C901 (H4 splits it)
+def _parse_response(item: Any, where: str) -> ResponseInput:
+    """One response of the group document: known fields, steps, scores, labels and KL."""
     if not isinstance(item, dict):
         raise CliError(f"{where} must be an object")
     unknown = sorted(set(item) - RESPONSE_KEYS)
@@ -166,35 +187,50 @@ def _parse_response(item: Any, where: str) -> ResponseInput:  # noqa: C901 (H4 s
     for key in ("step_tokens", "step_scores"):
         if key not in item:
             raise CliError(f"{where} is missing {key!r}")
+    tokens = _step_tokens(item, where)
+    scores = _step_scores(item, where, len(tokens))
+    solved, has_ground_truth = _labels(item, where)
+    kl = None
+    if "kl" in item:
+        kl = _number_list(item, "kl", where)
+        if len(kl) != sum(tokens):
+            raise CliError(f"{where}: kl has {len(kl)} values but the steps have {sum(tokens)} tokens")
+    return ResponseInput(tokens, scores, solved, has_ground_truth, kl)
+
+
+def _step_tokens(item: dict, where: str) -> list[int]:
     tokens = item["step_tokens"]
     if not isinstance(tokens, list) or not tokens:
         raise CliError(f"{where}.step_tokens must be a non-empty list of positive integers")
     for j, n in enumerate(tokens):
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise CliError(f"{where}.step_tokens[{j}] must be a positive integer, got {json.dumps(n)}")
+    return tokens
+
+
+def _step_scores(item: dict, where: str, steps: int) -> list[float]:
     scores = _number_list(item, "step_scores", where)
-    if len(scores) != len(tokens):
-        raise CliError(f"{where}: {len(tokens)} step_tokens but {len(scores)} step_scores")
+    if len(scores) != steps:
+        raise CliError(f"{where}: {steps} step_tokens but {len(scores)} step_scores")
     for j, score in enumerate(scores):
         if not -1.0 <= score <= 1.0:
             raise CliError(f"{where}.step_scores[{j}] = {score} is outside [-1, 1]")
+    return scores
+
+
+def _labels(item: dict, where: str) -> tuple[bool, bool]:
+    """(solved, has_ground_truth): a response without `solved` has no ground truth."""
     for key in ("solved", "has_ground_truth"):
         if key in item and not isinstance(item[key], bool):
             raise CliError(f"{where}.{key} must be true or false")
     solved = item.get("solved")
     if item.get("has_ground_truth") is True and solved is None:
         raise CliError(f"{where}: has_ground_truth is true but solved is missing")
-    has_ground_truth = solved is not None and item.get("has_ground_truth", True)
-    kl = None
-    if "kl" in item:
-        kl = _number_list(item, "kl", where)
-        if len(kl) != sum(tokens):
-            raise CliError(f"{where}: kl has {len(kl)} values but the steps have {sum(tokens)} tokens")
-    return ResponseInput(tokens, scores, bool(solved), has_ground_truth, kl)
+    return bool(solved), solved is not None and item.get("has_ground_truth", True)
 
 
 def compute(
-    group: list[ResponseInput], settings: CreditSettings, credit: str | None = None
+    group: list[ResponseInput], settings: CreditSettings, credit: CreditMethod | None = None
 ) -> PureAdvantages:
     token_mask, step_end_mask = step_end_mask_from_lengths([r.step_tokens for r in group])
     width = max(len(r.step_scores) for r in group)
@@ -212,10 +248,10 @@ def compute(
         solved=torch.tensor([r.solved for r in group]),
         has_ground_truth=torch.tensor([r.has_ground_truth for r in group]),
         kl=kl,
-        credit=credit or settings.credit,  # type: ignore[arg-type]
+        credit=credit or settings.credit,
         temperature=settings.temperature,
-        reward_mode=settings.mode,  # type: ignore[arg-type]
-        baseline=settings.baseline,  # type: ignore[arg-type]
+        reward_mode=settings.mode,
+        baseline=settings.baseline,
         kl_coef=settings.kl_coef,
         vr_coef=settings.vr_coef,
     )
@@ -238,7 +274,7 @@ def render_json(group: list[ResponseInput], settings: CreditSettings) -> str:
                 "normalized_advantages": result.normalized[i, :length].tolist(),
             }
         )
-    return json.dumps({"settings": settings.__dict__, "responses": responses}, indent=2)
+    return json.dumps({"settings": settings.model_dump(mode="json"), "responses": responses}, indent=2)
 
 
 def _run_length(values: list[float]) -> str:
@@ -265,9 +301,9 @@ def render_table(group: list[ResponseInput], settings: CreditSettings) -> str:
     width = min(TABLE_WIDTH, shutil.get_terminal_size((TABLE_WIDTH, 24)).columns)
     width = max(width, 80)
     result = compute(group, settings)
-    min_form = compute(group, settings, credit="min")
-    sum_form = compute(group, settings, credit="sum")
-    baseline_name = "abar (per token)" if settings.baseline == "token" else "b (per step)"
+    min_form = compute(group, settings, credit=CreditMethod.MIN)
+    sum_form = compute(group, settings, credit=CreditMethod.SUM)
+    baseline_name = "abar (per token)" if settings.baseline is BaselineKind.TOKEN else "b (per step)"
     lines = [
         f"PURE credit assignment: credit={settings.credit} T={settings.temperature:g} "
         f"mode={settings.mode} baseline={settings.baseline} kl_coef={settings.kl_coef:g} "
