@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .algo import kl_estimate, ppo_loss, prm_vr_agreement, pure_advantages, repeat_score
+from .algo import PureAdvantages, kl_estimate, ppo_loss, prm_vr_agreement, pure_advantages, repeat_score
 from .collector import ScoredGroup
 from .policy import SequenceBatch, pack, response_logprobs
 from .settings import AlgoSettings, OptimSettings
@@ -73,10 +73,18 @@ def ppo_update(
         logp_old = response_logprobs(model, batch)
         logp_ref = response_logprobs(reference, batch) if algo.kl_coef > 0 else logp_old
     kl = kl_estimate(logp_old, logp_ref, mask, algo.kl_estimator)
-    credit = pure_advantages(
+    credit = assign_credit(experience, kl, algo)
+    model.train()
+    optimisation = _ppo_epochs(model, optimizer, batch, logp_old, credit.normalized, algo, optim, generator)
+    return {**_reward_stats(experience, credit, kl), **optimisation, **_batch_shape_stats(experience, credit)}
+
+
+def assign_credit(experience: Experience, kl: torch.Tensor, algo: AlgoSettings) -> PureAdvantages:
+    """PURE credit assignment of the batch under `algo`; kl [B, L] is the per-token estimate."""
+    return pure_advantages(
         experience.step_scores,
         experience.step_end_mask,
-        mask,
+        experience.sequences.response_mask,
         experience.group_index,
         solved=experience.solved,
         has_ground_truth=experience.has_ground_truth,
@@ -89,17 +97,27 @@ def ppo_update(
         vr_coef=algo.vr_coef,
         normalize=algo.normalize,
     )
-    rows = mask.shape[0]
+
+
+def _ppo_epochs(
+    model,
+    optimizer,
+    batch: SequenceBatch,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    algo: AlgoSettings,
+    optim: OptimSettings,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """`optim.epochs` passes over the batch in `optim.minibatches` shuffled minibatches, one
+    clipped PPO step each; logp_old and advantages are [B, L]. Returns the mean statistics."""
     losses, clip_fractions, ratios, grad_norms = [], [], [], []
-    model.train()
     for _ in range(optim.epochs):
-        order = torch.randperm(rows, generator=generator)
+        order = torch.randperm(logp_old.shape[0], generator=generator)
         for index in order.chunk(optim.minibatches):
             part = batch.rows(index)
             logp_new = response_logprobs(model, part)
-            result = ppo_loss(
-                logp_new, logp_old[index], credit.normalized[index], part.response_mask, algo.clip_eps
-            )
+            result = ppo_loss(logp_new, logp_old[index], advantages[index], part.response_mask, algo.clip_eps)
             optimizer.zero_grad(set_to_none=True)
             result.loss.backward()
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)))
@@ -107,32 +125,43 @@ def ppo_update(
             losses.append(float(result.loss.detach()))
             clip_fractions.append(float(result.clip_fraction))
             ratios.append(float(result.mean_ratio))
-
-    lengths = mask.sum(-1).float()
-    solved = experience.solved
-    truth = experience.has_ground_truth
-    v = torch.where(truth, solved.float() - 1.0, 0.0)
-    correct_lengths = lengths[solved & truth]
-    wrong_lengths = lengths[~solved & truth]
     return {
-        "outcome_reward": float(credit.outcome.mean()),
-        "verifiable_reward": float(v[truth].mean()) if bool(truth.any()) else float("nan"),
-        "solved_ratio": float(solved[truth].float().mean()) if bool(truth.any()) else float("nan"),
-        "kl": float(kl.sum() / mask.sum().clamp(min=1)),
         "policy_loss": sum(losses) / len(losses),
         "clip_fraction": sum(clip_fractions) / len(clip_fractions),
         "ratio_mean": sum(ratios) / len(ratios),
         "grad_norm": sum(grad_norms) / len(grad_norms),
+    }
+
+
+def _mean_or_nan(values: torch.Tensor) -> float:
+    return float(values.float().mean()) if values.numel() else float("nan")
+
+
+def _reward_stats(experience: Experience, credit: PureAdvantages, kl: torch.Tensor) -> dict[str, float]:
+    """Outcome and verifiable rewards, solved share (over prompts with ground truth) and KL."""
+    solved, truth = experience.solved, experience.has_ground_truth
+    mask = experience.sequences.response_mask
+    v = torch.where(truth, solved.float() - 1.0, 0.0)
+    return {
+        "outcome_reward": float(credit.outcome.mean()),
+        "verifiable_reward": _mean_or_nan(v[truth]),
+        "solved_ratio": _mean_or_nan(solved[truth]),
+        "kl": float(kl.sum() / mask.sum().clamp(min=1)),
+    }
+
+
+def _batch_shape_stats(experience: Experience, credit: PureAdvantages) -> dict[str, float]:
+    """Lengths (all, correct, incorrect), steps, repetition, PRM/VR agreement, staleness."""
+    batch, mask = experience.sequences, experience.sequences.response_mask
+    solved, truth = experience.solved, experience.has_ground_truth
+    lengths = mask.sum(-1).float()
+    return {
         "response_length_tokens": float(lengths.mean()),
-        "response_length_correct_tokens": float(correct_lengths.mean())
-        if correct_lengths.numel()
-        else float("nan"),
-        "response_length_incorrect_tokens": float(wrong_lengths.mean())
-        if wrong_lengths.numel()
-        else float("nan"),
+        "response_length_correct_tokens": _mean_or_nan(lengths[solved & truth]),
+        "response_length_incorrect_tokens": _mean_or_nan(lengths[~solved & truth]),
         "steps_per_response": float(credit.layout.num_steps.float().mean()),
         "repeat_score": float(repeat_score(batch.response_ids, mask).mean()),
         "prm_vr_agreement_ratio": float(prm_vr_agreement(credit.outcome, solved, truth)),
         "staleness_versions": float(experience.staleness.mean()),
-        "responses": float(rows),
+        "responses": float(mask.shape[0]),
     }
