@@ -90,6 +90,8 @@ async def train(
     progress: bool = True,
     on_step: Callable[[dict], object] | None = None,
 ) -> RunResult:
+    """Train to `settings.steps` (from the last checkpoint when resuming), with the held-out
+    evaluation before and after; `on_step` gets each step's record (and is awaited if async)."""
     began = time.perf_counter()
     learner = await start(settings, mesh, resume)
     result = RunResult(
@@ -108,33 +110,15 @@ async def train(
     )
     try:
         while learner.step < settings.steps:
-            phases: dict[str, float] = {}
-            groups, collected = await timed(
-                phases, "collect", collector.collect(settings.sampling.prompts_per_step, learner.version)
-            )
-            phases.update(_group_phase_means(groups))
-            stats = await timed(phases, "update", update(learner, groups))
-            await timed(phases, "publish", publish(learner, mesh))
-            learner.step += 1
-            stats.update(batch_stats(learner, mesh, groups, collected))
-            if eval_due(learner):
-                accuracy, stderr = await evaluate(
-                    mesh, learner.heldout, learner.encode, settings.eval.max_new_tokens, learner.version
-                )
-                stats.update(
-                    heldout_accuracy=accuracy, heldout_stderr=stderr, heldout_accuracy_ratio=accuracy
-                )
-            if checkpoint_due(learner):
-                await timed(phases, "checkpoint", save_checkpoint(learner))
-            record = record_step(learner, stats, phases)
+            record = await train_step(learner, mesh, collector)
             result.history.append(record)
             if on_step and inspect.isawaitable(outcome := on_step(record)):
                 await outcome
             bar.update(1)
             bar.set_postfix(
-                reward=f"{stats['outcome_reward']:+.3f}",
-                solved=f"{stats['solved_ratio']:.2f}",
-                kl=f"{stats['kl']:.4f}",
+                reward=f"{record['outcome_reward']:+.3f}",
+                solved=f"{record['solved_ratio']:.2f}",
+                kl=f"{record['kl']:.4f}",
             )
     finally:
         bar.close()
@@ -144,6 +128,28 @@ async def train(
         result.accuracy_after, result.stderr_after = await evaluate_heldout(learner, mesh, result, "after")
     result.steps, result.version, result.seconds = learner.step, learner.version, time.perf_counter() - began
     return result
+
+
+async def train_step(learner: Learner, mesh: Mesh, collector: Collector) -> dict:
+    """One step, as the module docstring lists it; returns the step's record."""
+    settings = learner.settings
+    phases: dict[str, float] = {}
+    groups, collected = await timed(
+        phases, "collect", collector.collect(settings.sampling.prompts_per_step, learner.version)
+    )
+    phases.update(_group_phase_means(groups))
+    stats = await timed(phases, "update", update(learner, groups))
+    await timed(phases, "publish", publish(learner, mesh))
+    learner.step += 1
+    stats.update(batch_stats(learner, mesh, groups, collected))
+    if eval_due(learner):
+        accuracy, stderr = await evaluate(
+            mesh, learner.heldout, learner.encode, settings.eval.max_new_tokens, learner.version
+        )
+        stats.update(heldout_accuracy=accuracy, heldout_stderr=stderr, heldout_accuracy_ratio=accuracy)
+    if checkpoint_due(learner):
+        await timed(phases, "checkpoint", save_checkpoint(learner))
+    return record_step(learner, stats, phases)
 
 
 # --- phases ---------------------------------------------------------------------------------
