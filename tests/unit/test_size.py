@@ -18,10 +18,6 @@ KNOWN_OVERSIZE = {
     "services/rollout/engine.py",
     "services/verify/pool.py",
     "trainer/weights.py",
-    "trainer/loop.py",
-    "trainer/update.py",
-    "trainer/algo/reference.py",
-    "trainer/algo/advantages.py",
     "benchmarks/bench_prm_service.py",
 }
 
