@@ -22,8 +22,8 @@ PROMPT = "Question {i}: Tom has {i} apples and buys 4 more. How many apples does
 
 
 async def direct(engine_name: str, policy: Path, prompts: int, n: int, max_new_tokens: int) -> float:
+    from puremesh.contract.sampling import SamplingSpec
     from puremesh.services.rollout.app import build_engine
-    from puremesh.services.rollout.engine import SamplingSpec
     from puremesh.services.rollout.settings import RolloutSettings
 
     engine = build_engine(RolloutSettings(engine=engine_name, model_path=str(policy), dtype="float32"))
@@ -44,9 +44,10 @@ async def direct(engine_name: str, policy: Path, prompts: int, n: int, max_new_t
 
 
 async def service(target: str, prompts: int, n: int, max_new_tokens: int) -> float:
-    from puremesh.services.rollout.client import RolloutClient, Sampling
+    from puremesh.contract.sampling import SamplingSpec
+    from puremesh.services.rollout.client import RolloutClient
 
-    sampling = Sampling(n=n, temperature=1.0, max_new_tokens=max_new_tokens, seed=0)
+    sampling = SamplingSpec(n=n, temperature=1.0, max_new_tokens=max_new_tokens, seed=0)
     async with RolloutClient(target) as client:
 
         async def one(i: int) -> int:

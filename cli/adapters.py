@@ -11,11 +11,13 @@ from typing import Any, TypeVar
 
 import grpc
 
+from puremesh.contract.sampling import Sample, SamplingSpec
+from puremesh.contract.verdict import Verdict
 from puremesh.rpc.client import RetryPolicy, RpcError
 from puremesh.services.prm.client import PrmClient
-from puremesh.services.rollout.client import RolloutClient, Sampling
+from puremesh.services.rollout.client import RolloutClient
 from puremesh.services.verify.client import VerifyClient
-from puremesh.trainer.backends import BackendError, Sample, SamplingRequest, StepScores
+from puremesh.trainer.backends import BackendError, StepScores
 
 log = logging.getLogger(__name__)
 Client = TypeVar("Client")
@@ -82,18 +84,12 @@ class MeshRollout:
         self.pool = EndpointPool("rollout", clients)
 
     async def generate(
-        self, prompt_ids: list[int], sampling: SamplingRequest, min_policy_version: int
+        self, prompt_ids: list[int], sampling: SamplingSpec, min_policy_version: int
     ) -> list[Sample]:
-        request = Sampling(
-            sampling.n, sampling.temperature, sampling.top_p, sampling.max_new_tokens, sampling.seed
-        )
-
         async def call(client: RolloutClient) -> list[Sample]:
             # A stream cut midway is retried whole elsewhere: partial samples are discarded.
-            return [
-                Sample(s.token_ids, s.logprobs, s.text, s.policy_version, s.finish_reason)
-                async for s in client.generate(prompt_ids, request, min_policy_version=min_policy_version)
-            ]
+            stream = client.generate(prompt_ids, sampling, min_policy_version=min_policy_version)
+            return [sample async for sample in stream]
 
         return await self.pool.call(call)
 
@@ -116,6 +112,6 @@ class MeshVerifier:
             "verify", [VerifyClient(t, timeout, SINGLE_TRY, application) for t in targets]
         )
 
-    async def verify(self, responses: list[str], ground_truth: str | None) -> list[str]:
+    async def verify(self, responses: list[str], ground_truth: str | None) -> list[Verdict]:
         outcomes = await self.pool.call(lambda client: client.verify([(r, ground_truth) for r in responses]))
         return [outcome.verdict for outcome in outcomes]

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 
+from puremesh.contract.sampling import SamplingSpec
 from puremesh.contract.services import SERVICES, ServiceName
+from puremesh.rpc.client import RpcError
+from puremesh.services.prm.client import PrmClient
+from puremesh.services.rollout.client import RolloutClient
+from puremesh.services.verify.client import VerifyClient
 
 from .errors import CliError
 
@@ -46,8 +52,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(coroutine):
-    from puremesh.rpc.client import RpcError
-
     try:
         return asyncio.run(coroutine)
     except RpcError as error:
@@ -55,8 +59,6 @@ def _run(coroutine):
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from puremesh.services.verify.client import VerifyClient
-
     async def call():
         async with VerifyClient(args.target, timeout=args.timeout, application=args.application) as client:
             return (await client.verify([(args.response, args.ground_truth)]))[0]
@@ -65,15 +67,13 @@ def run_verify(args: argparse.Namespace) -> int:
     if outcome.error is not None:
         raise CliError(f"the item could not be graded: {outcome.error}", exit_code=1)
     if args.json:
-        print(json.dumps({"verdict": outcome.verdict, "answer": outcome.answer}))
+        print(json.dumps({"verdict": outcome.verdict.value, "answer": outcome.answer}))
     else:
-        print(f"verdict  {outcome.verdict}\nanswer   {outcome.answer or '-'}")
+        print(f"verdict  {outcome.verdict.value}\nanswer   {outcome.answer or '-'}")
     return 0
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from puremesh.services.prm.client import PrmClient
-
     async def call():
         async with PrmClient(args.target, timeout=args.timeout, application=args.application) as client:
             return (await client.score([(args.question, args.response)]))[0]
@@ -92,9 +92,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from puremesh.services.rollout.client import RolloutClient, Sampling
-
-    sampling = Sampling(args.n, args.temperature, args.top_p, args.max_new_tokens, args.seed, args.stop)
+    sampling = SamplingSpec(args.n, args.temperature, args.top_p, args.max_new_tokens, args.seed, args.stop)
 
     async def call():
         async with RolloutClient(args.target, timeout=args.timeout, application=args.application) as client:
@@ -102,12 +100,12 @@ def run_generate(args: argparse.Namespace) -> int:
 
     samples = sorted(_run(call()), key=lambda s: s.sample_index)
     if args.json:
-        print(json.dumps({"samples": [vars(s) for s in samples]}))
+        print(json.dumps({"samples": [dataclasses.asdict(s) for s in samples]}))
         return 0
     for sample in samples:
         print(
             f"--- sample {sample.sample_index}: {len(sample.token_ids)} tokens, "
-            f"finish {sample.finish_reason}, policy version {sample.policy_version}"
+            f"finish {sample.finish_reason.value}, policy version {sample.policy_version}"
         )
         print(sample.text)
     return 0

@@ -1,4 +1,5 @@
-"""Client plumbing: channels, deadlines on every call, bounded retries with backoff.
+"""Client plumbing: channels, deadlines on every call, bounded retries with backoff, and
+`ServiceClient`, the base of the rollout, PRM and verify clients.
 
 Only codes in errors.RETRYABLE_CODES are retried. A server stream is retried only while it
 has not delivered a message, so a caller never sees a message twice.
@@ -9,13 +10,15 @@ call (services/ray_serve.py); `call_metadata` builds it, none for a standalone s
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .errors import RETRYABLE_CODES
 
@@ -119,8 +122,6 @@ async def check_health(
 ) -> None:
     """grpc.health.v1 Check of `service` (its full proto name). RpcError unless SERVING: UNAVAILABLE
     for NOT_SERVING (a standalone server loading or draining), or the call's own error."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     request = health_pb2.HealthCheckRequest(service=service)
     stub = health_pb2_grpc.HealthStub(channel)
     reply = await call_unary(stub.Check, request, timeout=timeout, retry=retry, target=target)
@@ -132,33 +133,92 @@ async def check_health(
 PROBE_TIMEOUT_S = 30.0
 
 
-async def probe_service(
-    channel: grpc.aio.Channel,
-    service: str,
-    light_call: Callable[..., Any],
-    request: Any,
-    *,
-    application: str,
-    timeout: float,
-    retry: RetryPolicy,
-    target: str = "",
-) -> str:
-    """Check that a service answers; a one-line description, or RpcError.
+class ServiceClient(abc.ABC):
+    """The base of the service clients: one channel to `target` and a stub on it, a deadline of
+    `timeout` seconds per attempt and `retry` on every call, and the `application` metadata of a
+    Ray Serve proxy (empty for a standalone server). `async with Client(target) as client: ...`
 
-    Standalone: grpc.health.v1 for `service`. Through a Ray Serve proxy, which answers no
-    grpc.health: `light_call(request)` with the `application` metadata, a real call that a replica
-    answers only once it is ready (an empty request, for example).
+    A subclass names its service (SERVICE_NAME, the full proto name grpc.health is asked about),
+    its generated stub class (STUB) and its default deadline (DEFAULT_TIMEOUT_S), and says how to
+    probe it through a Ray Serve proxy (`_probe_application`). Its methods take and return plain
+    values; the protobuf mapping lives beside it.
     """
-    timeout = min(timeout, PROBE_TIMEOUT_S)
-    if not application:
-        await check_health(channel, service, timeout=timeout, retry=retry, target=target)
-        return "SERVING"
-    await call_unary(
-        light_call,
-        request,
-        timeout=timeout,
-        retry=retry,
-        target=target,
-        metadata=call_metadata(application),
-    )
-    return f"ready ({type(request).__name__.removesuffix('Request')} answered)"
+
+    SERVICE_NAME: ClassVar[str]
+    STUB: ClassVar[type[Any]]
+    DEFAULT_TIMEOUT_S: ClassVar[float] = 60.0
+
+    def __init__(
+        self,
+        target: str,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        application: str = "",
+    ) -> None:
+        self.target = target
+        self.timeout = self.DEFAULT_TIMEOUT_S if timeout is None else timeout
+        self.retry = retry or RetryPolicy()
+        self.application = application
+        self._metadata = call_metadata(application)
+        self._channel = open_channel(target)
+        self._stub = self.STUB(self._channel)
+
+    @property
+    def probe_timeout(self) -> float:
+        """The deadline of a probe: the client's, at most PROBE_TIMEOUT_S."""
+        return min(self.timeout, PROBE_TIMEOUT_S)
+
+    async def _unary(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
+        """A unary call with this client's deadline (or `timeout`), retries and metadata."""
+        return await call_unary(
+            method,
+            request,
+            timeout=self.timeout if timeout is None else timeout,
+            retry=self.retry,
+            target=self.target,
+            metadata=self._metadata,
+        )
+
+    def _server_stream(self, method: Callable[..., Any], request: Any) -> AsyncIterator[Any]:
+        """A server stream with this client's deadline, retries (before the first message) and metadata."""
+        return call_server_stream(
+            method,
+            request,
+            timeout=self.timeout,
+            retry=self.retry,
+            target=self.target,
+            metadata=self._metadata,
+        )
+
+    async def probe(self) -> str:
+        """Check that the service answers; a one-line description, or RpcError.
+
+        Standalone: grpc.health.v1 for SERVICE_NAME (UNAVAILABLE unless SERVING). Through a Ray
+        Serve proxy, which answers no grpc.health: `_probe_application`, a real call that a
+        replica answers only once it is ready.
+        """
+        if not self.application:
+            timeout = self.probe_timeout
+            await check_health(
+                self._channel, self.SERVICE_NAME, timeout=timeout, retry=self.retry, target=self.target
+            )
+            return "SERVING"
+        return await self._probe_application()
+
+    @abc.abstractmethod
+    async def _probe_application(self) -> str:
+        """Probe through a Ray Serve proxy (see `probe`); a one-line description, or RpcError."""
+
+    async def _probe_call(self, method: Callable[..., Any], request: Any) -> str:
+        """A `_probe_application` that makes one light call (an empty request, for example)."""
+        await self._unary(method, request, timeout=self.probe_timeout)
+        return f"ready ({type(request).__name__.removesuffix('Request')} answered)"
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

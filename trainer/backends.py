@@ -1,4 +1,5 @@
-"""What the learner needs from the mesh, as plain-Python protocols.
+"""What the learner needs from the mesh, as plain-Python protocols over the contract's values
+(contract/sampling.py: SamplingSpec and Sample; contract/verdict.py: Verdict).
 
 trainer/ never imports services/ (ARCHITECTURE.md rule 2): the composition root (cli/adapters.py)
 adapts the services' gRPC clients to these protocols, including fail-over between endpoints.
@@ -10,26 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-
-@dataclass(frozen=True)
-class SamplingRequest:
-    n: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One finished response: tokens (EOS included when generated), sampled-token logprobs, the
-    decoded text and the policy version that produced it."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    text: str
-    policy_version: int
-    finish_reason: str
+from puremesh.contract.sampling import Sample, SamplingSpec
+from puremesh.contract.verdict import Verdict
 
 
 @dataclass(frozen=True)
@@ -46,7 +29,7 @@ class BackendError(Exception):
 
 class RolloutBackend(Protocol):
     async def generate(
-        self, prompt_ids: list[int], sampling: SamplingRequest, min_policy_version: int
+        self, prompt_ids: list[int], sampling: SamplingSpec, min_policy_version: int
     ) -> list[Sample]:
         """All n samples of one prompt, from one policy version >= min_policy_version."""
         ...
@@ -59,6 +42,6 @@ class StepScorer(Protocol):
 
 
 class AnswerVerifier(Protocol):
-    async def verify(self, responses: list[str], ground_truth: str | None) -> list[str]:
-        """One verdict per response: correct, incorrect, no_answer, no_ground_truth or timeout."""
+    async def verify(self, responses: list[str], ground_truth: str | None) -> list[Verdict]:
+        """One verdict per response (Verdict.ERROR for a response that could not be graded)."""
         ...

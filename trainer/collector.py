@@ -15,8 +15,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .backends import AnswerVerifier, BackendError, RolloutBackend, Sample, SamplingRequest, StepScorer
-from .data import Problem, ProblemStream
+from puremesh.contract.sampling import Sample, SamplingSpec
+from puremesh.contract.verdict import Verdict
+
+from .backends import AnswerVerifier, BackendError, RolloutBackend, StepScorer
+from .data import Problem, ProblemStream, format_prompt
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS_PER_PROBLEM = 3
@@ -30,7 +33,7 @@ class ScoredGroup:
     prompt_ids: list[int]
     samples: list[Sample]
     steps: list[tuple[list[tuple[int, int]], list[float]]]  # per response: (spans, scores)
-    verdicts: list[str]
+    verdicts: list[Verdict]
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -43,7 +46,7 @@ class ScoredGroup:
 
     @property
     def solved(self) -> list[bool]:
-        return [verdict == "correct" for verdict in self.verdicts]
+        return [verdict.solved for verdict in self.verdicts]
 
 
 @dataclass
@@ -62,7 +65,7 @@ class Collector:
         verifier: AnswerVerifier,
         problems: ProblemStream,
         encode: Callable[[str], list[int]],
-        sampling: SamplingRequest,
+        sampling: SamplingSpec,
         *,
         groups_in_flight: int,
         max_staleness: int,
@@ -148,8 +151,6 @@ class Collector:
         await self._finish(None)
 
     async def _group(self, problem: Problem) -> ScoredGroup:
-        from .data import format_prompt
-
         prompt_ids = self.encode(format_prompt(problem.question))
         began = time.perf_counter()
         # On-policy runs ask for the learner's version; stale-tolerant runs accept older replicas.

@@ -23,8 +23,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from puremesh.contract.sampling import SamplingSpec
+
 from . import checkpoint, metrics
-from .backends import AnswerVerifier, RolloutBackend, SamplingRequest, StepScorer
+from .backends import AnswerVerifier, RolloutBackend, StepScorer
 from .collector import Collector, CollectStats, ScoredGroup
 from .data import Problem, ProblemStream, format_prompt, load_problems
 from .policy import load_policy, named_weights
@@ -207,7 +209,7 @@ def make_collector(learner: Learner, mesh: Mesh) -> Collector:
         mesh.verifier,
         learner.stream,
         learner.encode,
-        SamplingRequest(
+        SamplingSpec(
             sampling.samples_per_prompt, sampling.temperature, sampling.top_p, sampling.max_new_tokens
         ),
         groups_in_flight=sampling.groups_in_flight or sampling.prompts_per_step,
@@ -308,14 +310,14 @@ async def evaluate_heldout(learner: Learner, mesh: Mesh, result: RunResult, when
 
 async def evaluate(mesh: Mesh, problems: list[Problem], encode, max_new_tokens: int, version: int):
     """Greedy accuracy on `problems` (the rollout replicas hold `version`): (accuracy, stderr)."""
-    greedy = SamplingRequest(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+    greedy = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
     gate = asyncio.Semaphore(EVAL_CONCURRENCY)
 
     async def one(problem: Problem) -> bool:
         async with gate:
             [sample] = await mesh.rollout.generate(encode(format_prompt(problem.question)), greedy, version)
             [verdict] = await mesh.verifier.verify([sample.text], problem.answer)
-            return verdict == "correct"
+            return verdict.solved
 
     correct = await asyncio.gather(*(one(p) for p in problems))
     accuracy = sum(correct) / len(correct)

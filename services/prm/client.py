@@ -1,4 +1,5 @@
-"""Python client of PrmService: plain values in and out, deadlines and bounded retries."""
+"""Python client of PrmService: plain values in and out, deadlines and bounded retries
+(rpc/client.py's ServiceClient)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,7 @@ from dataclasses import dataclass
 
 from puremesh.common.v1 import common_pb2
 from puremesh.prm.v1 import prm_pb2, prm_pb2_grpc
-from puremesh.rpc.client import (
-    RetryPolicy,
-    call_metadata,
-    call_unary,
-    open_channel,
-    probe_service,
-)
+from puremesh.rpc.client import ServiceClient
 
 SERVICE_NAME = "puremesh.prm.v1.PrmService"
 Text = str
@@ -53,7 +48,7 @@ def _item(prompt: Text | TokenIds, response: Text | TokenIds) -> prm_pb2.ScoreIt
     return item
 
 
-class PrmClient:
+class PrmClient(ServiceClient):
     """`async with PrmClient("host:port") as prm: await prm.score([(prompt, response)])`.
 
     Prompts and responses are text (tokenised by the server) or token ids. `application`: the
@@ -61,27 +56,12 @@ class PrmClient:
     metadata on every call); empty for a standalone server.
     """
 
-    def __init__(
-        self, target: str, timeout: float = 60.0, retry: RetryPolicy | None = None, application: str = ""
-    ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
-        self.application = application
-        self._metadata = call_metadata(application)
-        self._channel = open_channel(target)
-        self._stub = prm_pb2_grpc.PrmServiceStub(self._channel)
+    SERVICE_NAME = SERVICE_NAME
+    STUB = prm_pb2_grpc.PrmServiceStub
 
     async def score(self, items: Sequence[tuple[Text | TokenIds, Text | TokenIds]]) -> list[ScoredResponse]:
         request = prm_pb2.ScoreStepsRequest(items=[_item(p, r) for p, r in items])
-        reply = await call_unary(
-            self._stub.ScoreSteps,
-            request,
-            timeout=self.timeout,
-            retry=self.retry,
-            target=self.target,
-            metadata=self._metadata,
-        )
+        reply = await self._unary(self._stub.ScoreSteps, request)
         return [
             ScoredResponse([], result.error.message)
             if result.HasField("error")
@@ -91,26 +71,6 @@ class PrmClient:
             for result in reply.results
         ]
 
-    async def probe(self) -> str:
-        """Check that the service answers; a one-line description, or RpcError. Standalone:
-        grpc.health.v1. Through a Ray Serve proxy (which answers no grpc.health): an empty
-        ScoreSteps call, which a replica answers only once its PRM is loaded."""
-        return await probe_service(
-            self._channel,
-            SERVICE_NAME,
-            self._stub.ScoreSteps,
-            prm_pb2.ScoreStepsRequest(),
-            application=self.application,
-            timeout=self.timeout,
-            retry=self.retry,
-            target=self.target,
-        )
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-    async def __aenter__(self) -> PrmClient:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()
+    async def _probe_application(self) -> str:
+        """An empty ScoreSteps call, which a replica answers only once its PRM is loaded."""
+        return await self._probe_call(self._stub.ScoreSteps, prm_pb2.ScoreStepsRequest())

@@ -8,7 +8,7 @@ completion order here too.
 Sampling is done by our own logits processor, last in the chain, with transformers itself in
 greedy mode: temperature (`TemperatureLogitsWarper`) and top-p (`TopPLogitsWarper`) are applied,
 the token is drawn with a `torch.Generator` per row (seed + row), and the log-probability of the
-drawn token under that processed distribution is recorded (see engine.py, "Log-probabilities").
+drawn token under that processed distribution is recorded (see contract/sampling.py, "Log-probabilities").
 This is why there is no `output_scores` / `compute_transition_scores`: the processor already
 holds the processed distribution, and per-request generators need no global RNG state, so
 concurrent requests cannot disturb each other's seeds. The checkpoint's own generation config
@@ -40,7 +40,10 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-from .engine import MAX_SEED, CancelFn, Engine, FinishReason, SampleSink, SamplingSpec
+from puremesh.contract.sampling import MAX_SEED, FinishReason, SamplingSpec
+
+from .engine import Engine
+from .sink import CancelFn, SampleSink
 
 logger = logging.getLogger(__name__)
 
@@ -127,11 +130,11 @@ class _FinishTracker(StoppingCriteria):
             if (self.eos is not None and last[row] == self.eos) or (
                 self.stop and self._hit_stop(generated[row, -self.window :].tolist())
             ):
-                reason = "stop"
+                reason = FinishReason.STOP
             elif count >= self.max_new_tokens:
-                reason = "length"
+                reason = FinishReason.LENGTH
             elif cancelled:
-                reason = "abort"
+                reason = FinishReason.ABORT
             if reason is not None:
                 self._finish(row, generated[row].tolist(), reason)
         return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
@@ -292,7 +295,7 @@ class HfEngine(Engine):
             len(prompt_ids), spec, self._eos_token_id, decode, sampler, on_finish, cancelled
         )
         if cancelled.is_set():
-            tracker.finish_remaining("abort")
+            tracker.finish_remaining(FinishReason.ABORT)
             return
         input_ids = torch.tensor([prompt_ids] * spec.n, dtype=torch.long, device=self._device)
         config = GenerationConfig(
@@ -311,7 +314,7 @@ class HfEngine(Engine):
                 logits_processor=LogitsProcessorList([sampler]),
                 stopping_criteria=StoppingCriteriaList([tracker]),
             )
-        tracker.finish_remaining("abort")  # only rows cut short by a cancel are left
+        tracker.finish_remaining(FinishReason.ABORT)  # only rows cut short by a cancel are left
 
     def _copy_weights(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
         params = self._model.state_dict(keep_vars=True)

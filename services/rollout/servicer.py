@@ -1,4 +1,5 @@
-"""RolloutService: protobuf in, streamed samples out. Sampling lives in the engine adapters."""
+"""RolloutService: protobuf in, streamed samples out. Sampling lives in the engine adapters, the
+message mapping in wire.py."""
 
 from __future__ import annotations
 
@@ -10,41 +11,14 @@ from puremesh.rollout.v1 import rollout_pb2, rollout_pb2_grpc
 from puremesh.rpc import metrics
 from puremesh.rpc.errors import InvalidArgument, NotReady, Overloaded, StaleWeights
 
-from .engine import Engine, EngineNotReadyError, FinishedSample, SamplingSpec
+from .engine import Engine, EngineNotReadyError
 from .settings import RolloutSettings
+from .wire import sample_to_proto, sampling_from_proto
 
 SERVICE = "rollout"
-FINISH_REASONS = {
-    "stop": rollout_pb2.FINISH_REASON_STOP,
-    "length": rollout_pb2.FINISH_REASON_LENGTH,
-    "abort": rollout_pb2.FINISH_REASON_ABORT,
-}
 GENERATED_TOKENS = Counter("puremesh_rollout_generated_tokens_total", "Response tokens generated")
 SAMPLES = Counter("puremesh_rollout_samples_total", "Finished samples by finish reason", ["finish_reason"])
 POLICY_VERSION = Gauge("puremesh_rollout_policy_version", "Policy version held by this replica")
-
-
-def sampling_spec(params: rollout_pb2.SamplingParams) -> SamplingSpec:
-    return SamplingSpec(
-        n=params.n,
-        temperature=params.temperature,
-        top_p=params.top_p or 1.0,
-        max_new_tokens=params.max_new_tokens,
-        seed=params.seed if params.HasField("seed") else None,
-        stop=list(params.stop),
-    )
-
-
-def sample_message(sample: FinishedSample) -> rollout_pb2.GenerateResponse:
-    return rollout_pb2.GenerateResponse(
-        sample_index=sample.sample_index,
-        token_ids=sample.token_ids,
-        logprobs=sample.logprobs,
-        finish_reason=FINISH_REASONS[sample.finish_reason],
-        policy_version=sample.policy_version,
-        prompt_token_count=sample.prompt_token_count,
-        text=sample.text,
-    )
 
 
 class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
@@ -77,13 +51,13 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         if self.engine.requests_in_flight >= self.settings.max_in_flight:
             raise Overloaded(f"{self.engine.requests_in_flight} generations in flight on this replica")
         prompt = self._prompt_ids(request)
-        spec = sampling_spec(request.sampling)
+        spec = sampling_from_proto(request.sampling)
         metrics.BATCH_SIZE.labels(SERVICE).observe(spec.n)
         try:
             async for sample in self.engine.generate(prompt, spec):
                 GENERATED_TOKENS.inc(len(sample.token_ids))
-                SAMPLES.labels(sample.finish_reason).inc()
-                yield sample_message(sample)
+                SAMPLES.labels(sample.finish_reason.value).inc()
+                yield sample_to_proto(sample)
         except ValueError as error:  # the engine validates before it yields anything
             raise InvalidArgument(str(error)) from error
         except EngineNotReadyError as error:

@@ -22,10 +22,6 @@ post-load processing as the first load) followed by `reset_prefix_cache()`, so n
 computed with the old weights is reused. They run on the engine thread while the version gate
 keeps generations out.
 
-Log-probabilities: the engine is built with `logprobs_mode="processed_logprobs"` (after
-temperature and top-p; see engine.py) and every request asks for `logprobs=0`, which returns the
-sampled token's log-probability alone.
-
 One engine at a time per process (a new one may start after `close`): vLLM's in-process engine
 keeps process-global state (the distributed environment, the random seed, the CPU backend's
 thread binding, and it lowers torch's thread count of the process). Starting it sets
@@ -50,17 +46,20 @@ from typing import Any
 
 import torch
 
-from .engine import CancelFn, Engine, FinishReason, SampleSink, SamplingSpec
+from puremesh.contract.sampling import FinishReason, SamplingSpec
+
+from .engine import Engine
+from .sink import CancelFn, SampleSink
 
 logger = logging.getLogger(__name__)
 
 # Engine arguments this backend relies on; `engine_kwargs` may not change them.
 _FIXED_ENGINE_ARGS = {
-    "logprobs_mode": "processed_logprobs",  # logprobs after temperature / top-p (engine.py)
+    "logprobs_mode": "processed_logprobs",  # after temperature / top-p (contract/sampling.py)
     "generation_config": "vllm",  # ignore the checkpoint's sampling defaults (as the hf engine)
 }
 
-_FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
+_FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 
 
 @dataclass
@@ -123,7 +122,7 @@ class _EngineThread:
             return
         self.engine.abort_request([request_id])
         for index in sorted(request.open):
-            request.finish(index, "abort")
+            request.finish(index, FinishReason.ABORT)
 
     # The loop.
 
@@ -173,7 +172,7 @@ class _EngineThread:
                         for token, entry in zip(new_tokens, completion.logprobs, strict=True)
                     )
                 if completion.finish_reason is not None:
-                    request.finish(index, _FINISH_REASONS.get(completion.finish_reason, "abort"))
+                    request.finish(index, _FINISH_REASONS.get(completion.finish_reason, FinishReason.ABORT))
             if not request.open:
                 del self._requests[output.request_id]
 

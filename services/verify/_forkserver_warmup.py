@@ -4,7 +4,7 @@ server starts warm."""
 
 import contextlib
 
-from puremesh.services.verify.pool import warm_up
+from puremesh.services.verify.worker import warm_up
 
 # The fork server survives only ImportError from a preloaded module; a failed warm-up must not
 # take it down (each worker warms up again anyway).

@@ -1,7 +1,7 @@
 """Answer grading: extract the final answer of a response and compare it with the ground truth.
 
-A pure module (rule 1 of ARCHITECTURE.md): stdlib and math-verify/sympy only, plain values in and
-out, no I/O, no config objects.
+A pure module (rule 1 of ARCHITECTURE.md): stdlib, math-verify/sympy and the contract's `Verdict`
+(contract/verdict.py) only, plain values in and out, no I/O, no config objects.
 
 The grading is split in two so that a caller can keep the cheap part in-process and isolate the
 expensive one:
@@ -18,13 +18,13 @@ expensive one:
 
 from __future__ import annotations
 
-import enum
 import re
 
 from math_verify import parse, verify
 
+from puremesh.contract.verdict import Verdict
+
 __all__ = [
-    "Verdict",
     "answers_match",
     "classify",
     "extract_final_answer",
@@ -32,14 +32,6 @@ __all__ = [
     "grade",
     "has_ground_truth",
 ]
-
-
-class Verdict(enum.Enum):
-    CORRECT = "correct"
-    INCORRECT = "incorrect"
-    NO_ANSWER = "no_answer"
-    NO_GROUND_TRUTH = "no_ground_truth"
-    TIMEOUT = "timeout"
 
 
 # --------------------------------------------------------------------------------------------

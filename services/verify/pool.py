@@ -2,11 +2,11 @@
 
 Design
 ------
-- One dedicated worker process per slot, each with its own duplex pipe. Workers start with the
-  "forkserver" method (never "fork": the host process runs gRPC threads); the fork server
-  imports and warms up sympy and math-verify once (module `_forkserver_warmup`), so a
-  replacement worker starts in tens of milliseconds. Every worker also runs one real comparison
-  before it takes work.
+- One dedicated worker process (worker.py) per slot, each with its own duplex pipe. Workers
+  start with the "forkserver" method (never "fork": the host process runs gRPC threads); the
+  fork server imports and warms up sympy and math-verify once (module `_forkserver_warmup`), so
+  a replacement worker starts in tens of milliseconds. Every worker also runs one real
+  comparison before it takes work.
 - Idle workers wait in an asyncio queue. An item takes a worker, sends ``(answer, ground_truth)``
   down its pipe and waits for the reply with ``loop.add_reader`` (no threads). Replies are read
   in the event loop; nothing else blocks it.
@@ -22,7 +22,7 @@ Design
 
 Results are `GradeResult` values: the verdict, the extracted answer and ``error``. ``error`` is
 None unless grading itself failed (an exception inside the worker, a crashed worker, an item
-that is not a pair of strings); the verdict is then ``Verdict.NO_ANSWER`` (never rewarded) and
+that is not a pair of strings); the verdict is then ``Verdict.ERROR`` (never rewarded) and
 ``error`` says why. A pool that is not running raises `PoolNotRunningError` from `grade_many`.
 
 The pool lives on one event loop: start it, use it and close it from the same loop.
@@ -35,27 +35,23 @@ import contextlib
 import logging
 import math
 import multiprocessing
-import os
-import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from typing import Any
 
-from puremesh.services.verify.grading import Verdict, answers_match, classify
+from puremesh.contract.verdict import Verdict
 
-__all__ = ["DEFAULT_START_TIMEOUT_S", "GradeResult", "GradingPool", "PoolNotRunningError", "warm_up"]
+from .grading import classify
+from .worker import Worker, close_quietly, receive, stop_processes, worker_main
+
+__all__ = ["DEFAULT_START_TIMEOUT_S", "GradeResult", "GradingPool", "PoolNotRunningError"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_START_TIMEOUT_S = 60.0
 """How long a new worker may take to import and warm up before its start counts as failed."""
 
-_WARMUP = ("(x+1)^2", "x^2+2x+1")  # one real comparison: parse, simplify (answer, ground truth)
-_JOIN_TIMEOUT_S = 5.0  # waiting for a killed process to be reaped
 _RESPAWN_FIRST_DELAY_S = 0.1  # backoff between failed attempts to replace a worker ...
 _RESPAWN_MAX_DELAY_S = 10.0  # ... doubling up to this
-_MAX_ERROR_CHARS = 300
 _START_METHODS = ("forkserver", "spawn")
 _FORKSERVER_PRELOAD = "puremesh.services.verify._forkserver_warmup"
 
@@ -71,115 +67,6 @@ class GradeResult:
 
 class PoolNotRunningError(RuntimeError):
     """The pool was not started yet, or it is closed."""
-
-
-# --------------------------------------------------------------------------------------------
-# Worker process
-# --------------------------------------------------------------------------------------------
-
-
-class _DropDisabledTimeoutWarning(logging.Filter):
-    # math-verify warns once per process that its own timeout is off; the pool is the timeout.
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Timeout is disabled")
-
-
-_warm = False
-
-
-def warm_up() -> None:
-    """Prepare a grading process: quiet math-verify's timeout warning, run one real comparison.
-
-    Runs in every worker, and once in the fork server (module `_forkserver_warmup`), so that the
-    lazy initialisation of sympy and the LaTeX parser (~0.4 s) is inherited by forked workers.
-    """
-    global _warm
-    if not _warm:
-        for name in ("math_verify.parser", "math_verify.grader"):
-            logging.getLogger(name).addFilter(_DropDisabledTimeoutWarning())
-        _warm = True
-    answers_match(*_WARMUP)
-
-
-def _worker_main(conn: Connection) -> None:
-    """Worker loop: receive ``(answer, ground_truth)``, reply ``(True, match)`` or ``(False, error)``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the host process
-    warm_up()
-    conn.send(os.getpid())
-    while True:
-        try:
-            answer, ground_truth = conn.recv()
-        except EOFError:  # the pool closed our pipe
-            return
-        try:
-            reply: tuple[bool, Any] = (True, answers_match(answer, ground_truth))
-        except Exception as exc:
-            reply = (False, f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS])
-        conn.send(reply)
-
-
-# --------------------------------------------------------------------------------------------
-# Host side
-# --------------------------------------------------------------------------------------------
-
-
-class _Worker:
-    __slots__ = ("conn", "pid", "process")
-
-    def __init__(self, process: multiprocessing.process.BaseProcess, conn: Connection) -> None:
-        self.process = process
-        self.conn = conn
-        self.pid: int | None = None
-
-    def kill(self) -> None:
-        """SIGKILL (does not wait); safe to call more than once."""
-        # ValueError: the Process object is closed already (reaped); then there is nothing to kill.
-        with contextlib.suppress(OSError, ValueError):
-            if self.process.pid is not None:
-                self.process.kill()
-
-    def reap(self) -> None:
-        """Wait for the killed process and release its pipe (blocks up to _JOIN_TIMEOUT_S)."""
-        with contextlib.suppress(OSError, ValueError, AssertionError):
-            self.process.join(_JOIN_TIMEOUT_S)
-        with contextlib.suppress(OSError, ValueError):
-            self.process.close()
-        _close_quietly(self.conn)
-
-
-def _close_quietly(conn: Connection) -> None:
-    with contextlib.suppress(OSError):
-        conn.close()
-
-
-def _stop_processes(workers: list[_Worker]) -> None:
-    """Wait for terminated workers to exit, SIGKILL the stubborn ones, release the processes."""
-    for worker in workers:
-        with contextlib.suppress(OSError, ValueError, AssertionError):
-            worker.process.join(_JOIN_TIMEOUT_S)
-        worker.kill()
-        with contextlib.suppress(OSError, ValueError, AssertionError):
-            worker.process.join(_JOIN_TIMEOUT_S)
-        with contextlib.suppress(OSError, ValueError):
-            worker.process.close()
-
-
-async def _receive(conn: Connection, timeout_s: float) -> Any:
-    """The next message on ``conn``; TimeoutError after ``timeout_s``; EOFError if the peer died."""
-    loop = asyncio.get_running_loop()
-    readable = loop.create_future()
-    fd = conn.fileno()
-
-    def on_readable() -> None:
-        if not readable.done():
-            readable.set_result(None)
-
-    loop.add_reader(fd, on_readable)
-    try:
-        await asyncio.wait_for(readable, timeout_s)
-    finally:
-        loop.remove_reader(fd)
-    return conn.recv()
 
 
 class GradingPool:
@@ -213,8 +100,8 @@ class GradingPool:
             # A hint that takes effect when the (process-wide) fork server starts: import sympy
             # and math-verify and warm them up once there instead of in every worker.
             self._ctx.set_forkserver_preload(["__main__", _FORKSERVER_PRELOAD])
-        self._free: asyncio.Queue[_Worker | None] = asyncio.Queue()
-        self._workers: set[_Worker] = set()  # live, warmed-up workers (idle or busy)
+        self._free: asyncio.Queue[Worker | None] = asyncio.Queue()
+        self._workers: set[Worker] = set()  # live, warmed-up workers (idle or busy)
         self._exchanges: set[asyncio.Future[GradeResult]] = set()  # items in a worker
         self._replacements: set[asyncio.Task[None]] = set()  # workers being replaced
         self._started = False
@@ -286,7 +173,7 @@ class GradingPool:
         self._closed = True
         for task in list(self._replacements):
             task.cancel()
-        idle: list[_Worker] = []
+        idle: list[Worker] = []
         while not self._free.empty():
             worker = self._free.get_nowait()
             if worker is not None:
@@ -297,7 +184,7 @@ class GradingPool:
         for worker in workers:
             with contextlib.suppress(OSError, ValueError):
                 worker.process.terminate()
-        await asyncio.to_thread(_stop_processes, workers)
+        await asyncio.to_thread(stop_processes, workers)
         for worker in idle:  # busy workers' pipes are closed by their exchanges
             with contextlib.suppress(OSError):
                 worker.conn.close()
@@ -333,7 +220,7 @@ class GradingPool:
             response, ground_truth = item
             verdict, answer = classify(response, ground_truth)
         except Exception as exc:  # not a (str, str | None) pair
-            return GradeResult(Verdict.NO_ANSWER, "", error=f"malformed item: {type(exc).__name__}: {exc}")
+            return GradeResult(Verdict.ERROR, "", error=f"malformed item: {type(exc).__name__}: {exc}")
         if verdict is not None:
             return GradeResult(verdict, answer)
         worker = await self._acquire()
@@ -348,7 +235,7 @@ class GradingPool:
         if not exchange.cancelled():
             exchange.exception()  # retrieved, also when the caller is gone (no "never retrieved")
 
-    async def _acquire(self) -> _Worker:
+    async def _acquire(self) -> Worker:
         if self._closed:
             raise PoolNotRunningError("grading pool is closed")
         self._waiting += 1
@@ -362,43 +249,43 @@ class GradingPool:
         return worker
 
     async def _exchange(
-        self, worker: _Worker, answer: str, ground_truth: str | None, timeout_s: float
+        self, worker: Worker, answer: str, ground_truth: str | None, timeout_s: float
     ) -> GradeResult:
         self._busy += 1
         try:
             try:
                 worker.conn.send((answer, ground_truth))
-                ok, payload = await _receive(worker.conn, timeout_s)
+                ok, payload = await receive(worker.conn, timeout_s)
             except TimeoutError:
                 self.timeouts_total += 1
                 self._retire(worker, f"timed out after {timeout_s} s")
                 return GradeResult(Verdict.TIMEOUT, answer)
             except (EOFError, OSError) as exc:
                 if self._closed:
-                    _close_quietly(worker.conn)
+                    close_quietly(worker.conn)
                     raise PoolNotRunningError("grading pool closed during grading") from None
                 self._retire(worker, f"died ({type(exc).__name__})")
-                return GradeResult(Verdict.NO_ANSWER, answer, error="grading worker died")
+                return GradeResult(Verdict.ERROR, answer, error="grading worker died")
         finally:
             self._busy -= 1
         if self._closed:
-            _close_quietly(worker.conn)
+            close_quietly(worker.conn)
         else:
             self._free.put_nowait(worker)
         if ok:
             return GradeResult(Verdict.CORRECT if payload else Verdict.INCORRECT, answer)
         log.warning("grading failed in worker %s: %s", worker.pid, payload)
-        return GradeResult(Verdict.NO_ANSWER, answer, error=f"grading failed: {payload}")
+        return GradeResult(Verdict.ERROR, answer, error=f"grading failed: {payload}")
 
     # ---- workers -----------------------------------------------------------------------------
 
-    async def _spawn(self) -> _Worker:
+    async def _spawn(self) -> Worker:
         """Start one worker and wait until it has warmed up."""
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
-            target=_worker_main, args=(child_conn,), name="puremesh-verify-grader", daemon=True
+            target=worker_main, args=(child_conn,), name="puremesh-verify-grader", daemon=True
         )
-        worker = _Worker(process, parent_conn)
+        worker = Worker(process, parent_conn)
         try:
             process.start()
         except BaseException:
@@ -407,7 +294,7 @@ class GradingPool:
         finally:
             child_conn.close()  # so that the worker's death reads as EOF here
         try:
-            pid = await _receive(parent_conn, self._start_timeout_s)
+            pid = await receive(parent_conn, self._start_timeout_s)
         except BaseException:
             worker.kill()
             worker.reap()
@@ -420,11 +307,11 @@ class GradingPool:
         self._workers.add(worker)
         return worker
 
-    def _retire(self, worker: _Worker, reason: str) -> None:
+    def _retire(self, worker: Worker, reason: str) -> None:
         """Kill a worker now and replace it in the background."""
         worker.kill()
         if self._closed:  # close() reaps it
-            _close_quietly(worker.conn)
+            close_quietly(worker.conn)
             return
         self._workers.discard(worker)
         self.restarts_total += 1
@@ -433,7 +320,7 @@ class GradingPool:
         self._replacements.add(task)
         task.add_done_callback(self._replacements.discard)
 
-    async def _replace(self, old: _Worker) -> None:
+    async def _replace(self, old: Worker) -> None:
         await asyncio.to_thread(old.reap)
         delay = _RESPAWN_FIRST_DELAY_S
         while not self._closed:

@@ -1,4 +1,5 @@
-"""VerifyService: protobuf in, verdicts out. Grading itself lives in grading.py and pool.py."""
+"""VerifyService: protobuf in, verdicts out. Grading itself lives in grading.py and pool.py, the
+verdict mapping in wire.py."""
 
 from __future__ import annotations
 
@@ -9,17 +10,10 @@ from puremesh.rpc import metrics
 from puremesh.rpc.errors import InvalidArgument
 from puremesh.verify.v1 import verify_pb2, verify_pb2_grpc
 
-from .grading import Verdict
 from .pool import GradingPool
 from .settings import VerifySettings
+from .wire import VERDICT_TO_PROTO
 
-VERDICT_TO_PROTO = {
-    Verdict.CORRECT: verify_pb2.VERDICT_CORRECT,
-    Verdict.INCORRECT: verify_pb2.VERDICT_INCORRECT,
-    Verdict.NO_ANSWER: verify_pb2.VERDICT_NO_ANSWER,
-    Verdict.NO_GROUND_TRUTH: verify_pb2.VERDICT_NO_GROUND_TRUTH,
-    Verdict.TIMEOUT: verify_pb2.VERDICT_TIMEOUT,
-}
 SERVICE = "verify"
 VERDICTS = Counter(
     "puremesh_verify_verdicts_total",
@@ -73,5 +67,5 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
                 results[index] = verify_pb2.VerifyResult(
                     verdict=VERDICT_TO_PROTO[outcome.verdict], extracted_answer=outcome.answer or ""
                 )
-            VERDICTS.labels(outcome.verdict.value if outcome.error is None else "error").inc()
+            VERDICTS.labels(outcome.verdict.value).inc()
         return verify_pb2.VerifyResponse(results=results)

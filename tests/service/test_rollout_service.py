@@ -11,15 +11,16 @@ import pytest
 import torch
 
 from puremesh.common.v1 import common_pb2
+from puremesh.contract.sampling import FinishReason, SamplingSpec
 from puremesh.rollout.v1 import rollout_pb2, rollout_pb2_grpc
 from puremesh.rpc.client import RpcError
 from puremesh.rpc.server import ServiceHost
 from puremesh.services.rollout.app import rollout_service
-from puremesh.services.rollout.client import RolloutClient, Sampling
+from puremesh.services.rollout.client import RolloutClient
 from puremesh.services.rollout.settings import RolloutSettings
 
 PROMPT = "Tom has 3 apples and buys 4 more. How many apples does he have?\n\n"
-GREEDY = Sampling(n=1, temperature=0.0, max_new_tokens=24)
+GREEDY = SamplingSpec(n=1, temperature=0.0, max_new_tokens=24)
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ async def rollout_host(tiny_policy_dir):
     await host.drain(grace=1)
 
 
-async def collect(client: RolloutClient, prompt, sampling: Sampling, **kwargs):
+async def collect(client: RolloutClient, prompt, sampling: SamplingSpec, **kwargs):
     return sorted(
         [s async for s in client.generate(prompt, sampling, **kwargs)], key=lambda s: s.sample_index
     )
@@ -43,13 +44,14 @@ async def test_generate_streams_n_samples_with_versions_and_logprobs(rollout_hos
     async with RolloutClient(rollout_host.target) as client:
         status = await client.status()
         assert status.ready and status.engine == "hf" and status.policy_version == 0
-        samples = await collect(client, PROMPT, Sampling(n=4, temperature=1.0, max_new_tokens=16, seed=7))
+        samples = await collect(client, PROMPT, SamplingSpec(n=4, temperature=1.0, max_new_tokens=16, seed=7))
         assert [s.sample_index for s in samples] == [0, 1, 2, 3]
         for sample in samples:
             assert len(sample.logprobs) == len(sample.token_ids) >= 1
             assert all(lp <= 0 for lp in sample.logprobs)
-            assert sample.finish_reason in ("stop", "length") and sample.policy_version == 0
-        again = await collect(client, PROMPT, Sampling(n=4, temperature=1.0, max_new_tokens=16, seed=7))
+            assert sample.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+            assert sample.policy_version == 0
+        again = await collect(client, PROMPT, SamplingSpec(n=4, temperature=1.0, max_new_tokens=16, seed=7))
         assert [s.token_ids for s in again] == [s.token_ids for s in samples]
         # text and token-id prompts are the same request
         by_text = await collect(client, PROMPT, GREEDY)
@@ -62,13 +64,13 @@ async def test_generate_streams_n_samples_with_versions_and_logprobs(rollout_hos
 @pytest.mark.parametrize(
     ("sampling", "words"),
     [
-        (Sampling(n=0), "n must be"),
-        (Sampling(n=9), "n must be"),
-        (Sampling(temperature=-1.0), "temperature"),
-        (Sampling(top_p=1.5), "top_p"),
-        (Sampling(max_new_tokens=0), "max_new_tokens"),
-        (Sampling(max_new_tokens=5000), "max_new_tokens"),
-        (Sampling(stop=[""]), "stop"),
+        (SamplingSpec(n=0), "n must be"),
+        (SamplingSpec(n=9), "n must be"),
+        (SamplingSpec(temperature=-1.0), "temperature"),
+        (SamplingSpec(top_p=1.5), "top_p"),
+        (SamplingSpec(max_new_tokens=0), "max_new_tokens"),
+        (SamplingSpec(max_new_tokens=5000), "max_new_tokens"),
+        (SamplingSpec(stop=[""]), "stop"),
     ],
 )
 async def test_invalid_sampling_is_invalid_argument(rollout_host, sampling, words):

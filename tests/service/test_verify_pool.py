@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from puremesh.services.verify.grading import Verdict
+from puremesh.contract.verdict import Verdict
 from puremesh.services.verify.pool import GradeResult, GradingPool, PoolNotRunningError
 
 WORKERS = 2
@@ -160,7 +160,7 @@ async def test_a_dead_worker_fails_only_its_item(pool: GradingPool) -> None:
     results = await pool.grade_many(items, TIMEOUT_S)
     failed = [r for r in results if r.error is not None]
     assert len(failed) == 1
-    assert failed[0].verdict is Verdict.NO_ANSWER and "died" in failed[0].error
+    assert failed[0].verdict is Verdict.ERROR and "died" in failed[0].error
     assert all(r.verdict is Verdict.CORRECT for r in results if r.error is None)
     await wait_until(lambda: pool.ready == WORKERS)
     assert victim not in pool.pids()
@@ -170,6 +170,7 @@ async def test_malformed_items_fail_alone(pool: GradingPool) -> None:
     results = await pool.grade_many([(r"\boxed{1}", "1"), (None, "1"), ("x", "2", "3")], TIMEOUT_S)  # type: ignore[list-item]
     assert results[0] == GradeResult(Verdict.CORRECT, "1")
     assert all(r.error is not None and r.error.startswith("malformed item") for r in results[1:])
+    assert [r.verdict for r in results[1:]] == [Verdict.ERROR, Verdict.ERROR]
 
 
 async def test_arguments_and_lifecycle_errors() -> None:

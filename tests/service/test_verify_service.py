@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from puremesh.common.v1 import common_pb2
+from puremesh.contract.verdict import Verdict
 from puremesh.rpc.client import RpcError
 from puremesh.rpc.server import ServiceHost
 from puremesh.services.verify.app import verify_service
@@ -46,22 +47,24 @@ async def test_mixed_batch_gets_a_verdict_per_item(verify_host):
         outcomes = await client.verify(items)
     verdicts = [o.verdict for o in outcomes]
     assert verdicts[:8] == [
-        "correct",
-        "correct",
-        "correct",
-        "incorrect",
-        "no_answer",
-        "no_ground_truth",
-        "no_ground_truth",
-        "timeout",
+        Verdict.CORRECT,
+        Verdict.CORRECT,
+        Verdict.CORRECT,
+        Verdict.INCORRECT,
+        Verdict.NO_ANSWER,
+        Verdict.NO_GROUND_TRUTH,
+        Verdict.NO_GROUND_TRUTH,
+        Verdict.TIMEOUT,
     ]
+    assert all(type(v) is Verdict for v in verdicts)
+    assert [o.solved for o in outcomes] == [v is Verdict.CORRECT for v in verdicts]
     assert outcomes[0].answer == "7" and outcomes[3].answer == "8"
-    assert outcomes[8].verdict == "error" and "characters" in outcomes[8].error
-    assert verdicts[9] == "correct"
+    assert outcomes[8].verdict is Verdict.ERROR and "characters" in outcomes[8].error
+    assert verdicts[9] is Verdict.CORRECT
     # the pool recovered from the timeout and keeps serving
     async with VerifyClient(verify_host.target) as client:
         again = await client.verify([("\\boxed{42}", "42")] * 4)
-    assert [o.verdict for o in again] == ["correct"] * 4
+    assert [o.verdict for o in again] == [Verdict.CORRECT] * 4
 
 
 async def test_whole_call_limits_and_empty_batch(verify_host):
@@ -93,7 +96,8 @@ async def test_wrong_types_and_unparseable_bytes_are_invalid_argument(verify_hos
 async def test_concurrent_calls(verify_host):
     async with VerifyClient(verify_host.target) as client:
         results = await asyncio.gather(*(client.verify([(f"\\boxed{{{i}}}", str(i % 3))]) for i in range(30)))
-    assert [r[0].verdict for r in results] == ["correct" if i % 3 == i else "incorrect" for i in range(30)]
+    expected = [Verdict.CORRECT if i % 3 == i else Verdict.INCORRECT for i in range(30)]
+    assert [r[0].verdict for r in results] == expected
 
 
 async def test_cli_grpcurl_and_metrics(verify_host, run_cli, run_grpcurl):

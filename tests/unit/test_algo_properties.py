@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from puremesh.contract.steps import separator_ids, split_steps
 from puremesh.trainer.algo import (
     CREDIT_METHODS,
     kl_estimate,
@@ -17,8 +18,6 @@ from puremesh.trainer.algo import (
     prm_vr_agreement,
     pure_advantages,
     repeat_score,
-    separator_token_ids,
-    step_end_mask_from_ids,
     step_end_mask_from_lengths,
     step_layout,
     steps_per_response,
@@ -88,8 +87,17 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def step_ends(token_ids: torch.Tensor, token_mask: torch.Tensor, separators) -> torch.Tensor:
+    """[B, L] step ends of right-padded responses, split by the one splitter (contract.steps)."""
+    lengths = [
+        [end - start for start, end in split_steps(row[:valid].tolist(), separators)]
+        for row, valid in zip(token_ids, token_mask.sum(-1).tolist(), strict=True)
+    ]
+    return step_end_mask_from_lengths(lengths, pad_to=token_ids.shape[1])[1]
+
+
 def run(batch: dict, **options) -> object:
-    step_end_mask = step_end_mask_from_ids(batch["token_ids"], batch["token_mask"], SEPARATORS)
+    step_end_mask = step_ends(batch["token_ids"], batch["token_mask"], SEPARATORS)
     return pure_advantages(
         batch["step_scores"],
         step_end_mask,
@@ -309,9 +317,9 @@ def test_vr_mode_without_ground_truth_normalises_to_zeros(baseline: str) -> None
 
 
 def test_separator_ids_are_the_ids_ending_with_a_blank_line() -> None:
-    assert separator_token_ids(VOCAB) == frozenset(SEPARATORS)
-    assert separator_token_ids(dict(enumerate(VOCAB))) == frozenset(SEPARATORS)
-    assert separator_token_ids({100: "x\n\n", 7: "\n\nx", 9: "\n"}) == frozenset({100})
+    assert separator_ids(VOCAB) == frozenset(SEPARATORS)
+    assert separator_ids(dict(enumerate(VOCAB))) == frozenset(SEPARATORS)
+    assert separator_ids({100: "x\n\n", 7: "\n\nx", 9: "\n"}) == frozenset({100})
 
 
 def test_step_ends_from_token_ids() -> None:
@@ -323,7 +331,7 @@ def test_step_ends_from_token_ids() -> None:
         ]
     )
     token_mask = torch.tensor([[True] * 8 + [False] * 2, [True] * 5 + [False] * 5, [True] * 3 + [False] * 7])
-    ends = step_end_mask_from_ids(token_ids, token_mask, separator_token_ids(VOCAB))
+    ends = step_ends(token_ids, token_mask, separator_ids(VOCAB))
     assert ends[0].nonzero().flatten().tolist() == [2, 5, 7]
     assert ends[1].nonzero().flatten().tolist() == [4]
     assert ends[2].nonzero().flatten().tolist() == [0, 2]
@@ -332,7 +340,7 @@ def test_step_ends_from_token_ids() -> None:
     assert layout.step_lengths.tolist() == [[3, 3, 2], [5, 0, 0], [1, 2, 0]]
     assert layout.num_steps.tolist() == [3, 1, 2]
     # Without any separator id every response is a single step.
-    none = step_end_mask_from_ids(token_ids, token_mask, frozenset())
+    none = step_ends(token_ids, token_mask, frozenset())
     assert steps_per_response(none, token_mask).tolist() == [1, 1, 1]
 
 

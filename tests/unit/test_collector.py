@@ -7,7 +7,9 @@ import asyncio
 
 import pytest
 
-from puremesh.trainer.backends import BackendError, Sample, SamplingRequest, StepScores
+from puremesh.contract.sampling import FinishReason, Sample, SamplingSpec
+from puremesh.contract.verdict import Verdict
+from puremesh.trainer.backends import BackendError, StepScores
 from puremesh.trainer.collector import Collector
 from puremesh.trainer.data import Problem, ProblemStream
 
@@ -27,7 +29,16 @@ class FakeRollout:
             raise BackendError("rollout: every endpoint failed")
         self.prompts.append(tuple(prompt_ids))
         return [
-            Sample([1, 2, 3], [-0.1] * 3, f"\\boxed{{{i}}}", self.version, "stop") for i in range(sampling.n)
+            Sample(
+                sample_index=i,
+                token_ids=[1, 2, 3],
+                logprobs=[-0.1] * 3,
+                finish_reason=FinishReason.STOP,
+                policy_version=self.version,
+                prompt_token_count=len(prompt_ids),
+                text=f"\\boxed{{{i}}}",
+            )
+            for i in range(sampling.n)
         ]
 
 
@@ -38,7 +49,9 @@ class FakeScorer:
 
 class FakeVerifier:
     async def verify(self, responses, ground_truth):
-        return ["correct" if ground_truth and ground_truth in r else "incorrect" for r in responses]
+        return [
+            Verdict.CORRECT if ground_truth and ground_truth in r else Verdict.INCORRECT for r in responses
+        ]
 
 
 def collector(rollout, max_staleness=0, in_flight=4, problems=20):
@@ -49,7 +62,7 @@ def collector(rollout, max_staleness=0, in_flight=4, problems=20):
         FakeVerifier(),
         stream,
         lambda text: [ord(c) for c in text],
-        SamplingRequest(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8),
+        SamplingSpec(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8),
         groups_in_flight=in_flight,
         max_staleness=max_staleness,
     )
@@ -61,6 +74,8 @@ async def test_synchronous_collection_launches_exactly_what_a_step_needs():
     groups, stats = await c.collect(4, version=0)
     assert len(groups) == 4 and rollout.calls == 4 and c._running == 0
     assert all(len(g.samples) == 2 and g.verdicts for g in groups)
+    # Sample i says \boxed{i}; a problem's answer is its index mod 2: exactly one sample solves it.
+    assert all(g.solved == [g.problem.answer == str(i) for i in range(2)] for g in groups)
     assert stats.dropped_stale == 0 and stats.staleness == [0] * 4
     groups, _ = await c.collect(3, version=0)
     assert rollout.calls == 7 and len(set(rollout.prompts)) == 7  # no prompt used twice

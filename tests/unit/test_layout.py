@@ -34,7 +34,7 @@ PURE_THIRD_PARTY = ("torch", "numpy")
 RULES: dict[str, Rule] = {
     "contract": Rule((), pure=True, extra=("isal",)),  # isal: the fast CRC-32 (zlib's otherwise)
     "trainer.algo": Rule(("contract",), pure=True),
-    "services.verify.grading": Rule((), pure=True, extra=("math_verify", "sympy")),
+    "services.verify.grading": Rule(("contract",), pure=True, extra=("math_verify", "sympy")),
     "rpc": Rule(("contract", PROTOS)),
     "weightsync": Rule(("contract", "rpc", PROTOS)),
     "services": Rule(("contract", "rpc", "weightsync", PROTOS)),

@@ -15,8 +15,6 @@ KNOWN_OVERSIZE = {
     "cli/prm_train.py",
     "cli/tinyworld.py",
     "services/rollout/weight_sync.py",
-    "services/rollout/engine.py",
-    "services/verify/pool.py",
     "trainer/weights.py",
     "benchmarks/bench_prm_service.py",
 }

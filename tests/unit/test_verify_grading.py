@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from puremesh.contract.verdict import Verdict
 from puremesh.services.verify.grading import (
-    Verdict,
     answers_match,
     classify,
     extract_final_answer,
@@ -146,8 +146,10 @@ def test_answers_match_is_not_fooled_by_whitespace_or_delimiters() -> None:
     assert not answers_match("41", "42")
 
 
-def test_verdict_values() -> None:
-    assert [v.value for v in Verdict] == ["correct", "incorrect", "no_answer", "no_ground_truth", "timeout"]
+def test_grading_uses_the_contract_verdict() -> None:
+    # One Verdict, from grading to the learner (contract/verdict.py; its values: test_contract.py).
+    assert grade(r"\boxed{1}", None)[0] is Verdict.NO_GROUND_TRUTH
+    assert isinstance(grade(r"\boxed{1}", "1")[0], Verdict)
 
 
 # ---- rule 1: a pure core --------------------------------------------------------------------
@@ -169,7 +171,8 @@ PROBE = textwrap.dedent(
             return None
 
     sys.meta_path.insert(0, Blocker())
-    from puremesh.services.verify.grading import Verdict, grade
+    from puremesh.contract.verdict import Verdict
+    from puremesh.services.verify.grading import grade
 
     assert grade(r"\\boxed{{0.5}}", "1/2") == (Verdict.CORRECT, "0.5")
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
@@ -185,12 +188,12 @@ def test_grading_imports_with_service_dependencies_blocked() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_grading_imports_only_stdlib_and_math_verify() -> None:
+def test_grading_imports_only_stdlib_math_verify_and_the_contract() -> None:
     allowed = set(sys.stdlib_module_names) | ALLOWED_THIRD_PARTY | {"__future__"}
     tree = ast.parse(GRADING.read_text(), filename=str(GRADING))
-    tops = [
-        alias.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names
-    ]
-    tops += [n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
-    assert tops
-    assert not [top for top in tops if top not in allowed]
+    names = [alias.name for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names]
+    names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    assert names
+    project = [name for name in names if name.split(".")[0] == "puremesh"]
+    assert project == ["puremesh.contract.verdict"]
+    assert not [name for name in names if name not in project and name.split(".")[0] not in allowed]

@@ -49,15 +49,7 @@ from .options import (
     parse_choice,
 )
 from .ppo import PpoLoss, masked_sequence_mean, ppo_loss
-from .steps import (
-    STEP_SEPARATOR,
-    StepLayout,
-    scatter_to_step_ends,
-    separator_token_ids,
-    step_end_mask_from_ids,
-    step_end_mask_from_lengths,
-    step_layout,
-)
+from .steps import StepLayout, scatter_to_step_ends, step_end_mask_from_lengths, step_layout
 
 __all__ = [
     "BASELINES",
@@ -77,7 +69,6 @@ __all__ = [
     "KL_ESTIMATORS",
     "NORMALIZE_EPS",
     "REWARD_MODES",
-    "STEP_SEPARATOR",
     "BaselineKind",
     "CreditMethod",
     "KlEstimator",
@@ -98,9 +89,7 @@ __all__ = [
     "repeat_score",
     "returns_to_go",
     "scatter_to_step_ends",
-    "separator_token_ids",
     "softmin_weights",
-    "step_end_mask_from_ids",
     "step_end_mask_from_lengths",
     "step_layout",
     "step_level_baseline",

@@ -1,54 +1,20 @@
-"""Step splitting on token ids (pure-algorithm.md section 1).
+"""Where the steps lie, as tensors (pure-algorithm.md section 1).
 
-Conventions used across trainer/algo:
+Steps themselves are split once, on token ids, by contract/steps.py (`split_steps`: the PRM
+service returns those spans); this module turns step ends into the batch structure credit
+assignment needs. Conventions used across trainer/algo:
     B  responses in a batch, L  padded response length, K  padded number of steps.
     token_mask [B, L] bool: valid response tokens (EOS included when generated), right-padded:
         each response's valid tokens come first.
     step_end_mask [B, L] bool: the last token of every step (a separator token, or the last
         valid token for the final step). Always a subset of token_mask.
-Nothing here reads a tokenizer: adapters pass decoded vocabulary strings in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
-
-STEP_SEPARATOR = "\n\n"
-
-
-def separator_token_ids(
-    vocabulary: Mapping[int, str] | Iterable[str], suffix: str = STEP_SEPARATOR
-) -> frozenset[int]:
-    """Every token id whose decoded text ends with `suffix` (default "\\n\\n").
-
-    `vocabulary` maps id -> decoded text, or is a sequence of decoded texts indexed by id.
-    Compute it once per tokenizer.
-    """
-    items = vocabulary.items() if isinstance(vocabulary, Mapping) else enumerate(vocabulary)
-    return frozenset(int(i) for i, text in items if text.endswith(suffix))
-
-
-def last_valid_token_mask(token_mask: torch.Tensor) -> torch.Tensor:
-    """[B, L] bool -> [B, L] bool, True at the last valid token of each non-empty row."""
-    positions = torch.arange(token_mask.shape[-1], device=token_mask.device)
-    last = torch.where(token_mask, positions, -1).amax(dim=-1)  # [B], -1 for empty rows
-    return (positions == last.unsqueeze(-1)) & token_mask
-
-
-def step_end_mask_from_ids(
-    token_ids: torch.Tensor, token_mask: torch.Tensor, separator_ids: Iterable[int]
-) -> torch.Tensor:
-    """Step ends of responses given as token ids.
-
-    token_ids [B, L] int, token_mask [B, L] bool -> step_end_mask [B, L] bool: separator tokens
-    plus the last valid token. A response with no separator is one step.
-    """
-    separators = torch.tensor(sorted(separator_ids), dtype=token_ids.dtype, device=token_ids.device)
-    is_separator = torch.isin(token_ids, separators) & token_mask
-    return is_separator | last_valid_token_mask(token_mask)
 
 
 def step_end_mask_from_lengths(
