@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from puremesh.common.v1 import common_pb2
+from puremesh.contract.services import SERVICES, ServiceName
 from puremesh.prm.v1 import prm_pb2, prm_pb2_grpc
 from puremesh.rpc.client import ServiceClient
 
-SERVICE_NAME = "puremesh.prm.v1.PrmService"
 Text = str
 TokenIds = Sequence[int]
 
@@ -56,7 +56,7 @@ class PrmClient(ServiceClient):
     metadata on every call); empty for a standalone server.
     """
 
-    SERVICE_NAME = SERVICE_NAME
+    SERVICE_NAME = SERVICES[ServiceName.PRM].proto_service
     STUB = prm_pb2_grpc.PrmServiceStub
 
     async def score(self, items: Sequence[tuple[Text | TokenIds, Text | TokenIds]]) -> list[ScoredResponse]:

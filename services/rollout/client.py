@@ -10,6 +10,7 @@ import grpc
 
 from puremesh.common.v1 import common_pb2
 from puremesh.contract.sampling import Sample, SamplingSpec
+from puremesh.contract.services import SERVICES, ServiceName
 from puremesh.rollout.v1 import rollout_pb2, rollout_pb2_grpc
 from puremesh.rpc.client import RpcError, ServiceClient
 
@@ -26,9 +27,6 @@ class ReplicaStatus:
     replica_id: str
 
 
-SERVICE_NAME = "puremesh.rollout.v1.RolloutService"
-
-
 class RolloutClient(ServiceClient):
     """`async with RolloutClient("host:port") as rollout: async for s in rollout.generate(...)`.
 
@@ -36,7 +34,7 @@ class RolloutClient(ServiceClient):
     `application` metadata on every call); empty for a standalone server.
     """
 
-    SERVICE_NAME = SERVICE_NAME
+    SERVICE_NAME = SERVICES[ServiceName.ROLLOUT].proto_service
     STUB = rollout_pb2_grpc.RolloutServiceStub
     DEFAULT_TIMEOUT_S = 600.0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from puremesh.contract.services import SERVICES, ServiceName
 from puremesh.rpc.server import ServiceDefinition
 from puremesh.verify.v1 import verify_pb2_grpc
 
@@ -14,7 +15,7 @@ def verify_service(settings: VerifySettings) -> ServiceDefinition:
     pool = GradingPool(settings.workers)
     return ServiceDefinition(
         name=SERVICE,
-        full_name="puremesh.verify.v1.VerifyService",
+        full_name=SERVICES[ServiceName.VERIFY].proto_service,
         servicer=VerifyServicer(settings, pool),
         add_to_server=verify_pb2_grpc.add_VerifyServiceServicer_to_server,
         start=pool.start,

@@ -6,13 +6,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from puremesh.contract.services import SERVICES, ServiceName
 from puremesh.contract.verdict import Verdict
 from puremesh.rpc.client import ServiceClient
 from puremesh.verify.v1 import verify_pb2, verify_pb2_grpc
 
 from .wire import verdict_from_proto
-
-SERVICE_NAME = "puremesh.verify.v1.VerifyService"
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class VerifyClient(ServiceClient):
     `application` metadata on every call); empty for a standalone server.
     """
 
-    SERVICE_NAME = SERVICE_NAME
+    SERVICE_NAME = SERVICES[ServiceName.VERIFY].proto_service
     STUB = verify_pb2_grpc.VerifyServiceStub
 
     async def verify(self, items: Sequence[tuple[str, str | None]]) -> list[VerifyOutcome]:
