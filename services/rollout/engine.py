@@ -3,9 +3,9 @@ version that produced it.
 
 Backends (hf_engine.py, vllm_engine.py) implement four hooks (`_start_impl`, `_submit`,
 `_load_weights_impl`, `_close_impl`); everything that must behave the same in every backend lives
-here: validation, the version gate, the in-flight count, sample assembly and shutdown. What the
-sampling parameters mean, and which log-probabilities a sample carries, is written once in
-contract/sampling.py.
+here: validation, the version gate, the in-flight count and shutdown (samples are assembled in
+sink.py). What the sampling parameters mean, and which log-probabilities a sample carries, is
+written once in contract/sampling.py.
 
 Versions. A generation holds the read side of a `ReadWriteGate` (gate.py) from the moment it is
 admitted until its last sample finished (not until the caller has read it); `load_weights` takes
