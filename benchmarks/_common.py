@@ -24,9 +24,9 @@ def build_models(out: Path, hidden: int, layers: int, heads: int) -> tuple[Path,
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForTokenClassification
 
-    from puremesh.cli import tinyworld
+    from puremesh.tinyworld.tokenizer import build_tokenizer
 
-    tokenizer = tinyworld.build_tokenizer(out / "tokenizer")
+    tokenizer = build_tokenizer(out / "tokenizer")
     config = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden,

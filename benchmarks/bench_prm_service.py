@@ -23,7 +23,7 @@ from pathlib import Path
 
 from _common import Served, build_models, ratio_line
 
-from puremesh.cli import tinyworld
+from puremesh.tinyworld.corpus import arithmetic_solution
 
 
 async def drive(target: str, items: list[tuple[list[int], list[int]]], clients: int, per_call: int) -> float:
@@ -69,7 +69,7 @@ def main() -> None:
         items = [
             (
                 scorer.tokenize(f"Question {i}: compute step by step."),
-                scorer.tokenize(tinyworld.arithmetic_solution(rng)),
+                scorer.tokenize(arithmetic_solution(rng)),
             )
             for i in range(args.items)
         ]

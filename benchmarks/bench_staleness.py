@@ -15,9 +15,9 @@ from pathlib import Path
 
 import _common  # noqa: F401  (environment for vLLM on CPU)
 
-from puremesh.cli import tinyworld
 from puremesh.cli.demo import demo_settings
 from puremesh.cli.process_mesh import run_mesh
+from puremesh.tinyworld.world import bootstrap, default_cache_dir
 
 
 def step_seconds(world, out: Path, staleness: int, steps: int, engine: str) -> list[float]:
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
     parser.add_argument("--cache", help="tiny-world cache directory")
     args = parser.parse_args()
-    world = tinyworld.bootstrap(args.cache or tinyworld.default_cache_dir(), log=print)
+    world = bootstrap(args.cache or default_cache_dir(), log=print)
     with tempfile.TemporaryDirectory() as scratch:
         sync = step_seconds(world, Path(scratch), 0, args.steps, args.engine)
         overlap = step_seconds(world, Path(scratch), 1, args.steps, args.engine)

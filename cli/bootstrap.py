@@ -2,9 +2,9 @@
 
 The tiny world is a byte-level tokenizer, a synthetic multi-step arithmetic task (train and
 held-out problems), a tiny Qwen2 policy fine-tuned to solve it with one systematic flaw, and a
-tiny PRM trained on step-labelled solutions; see `puremesh.cli.tinyworld`. Everything is built
-locally (no downloads) and cached with a manifest; a complete cache is reused in well under a
-second.
+tiny PRM trained on step-labelled solutions; see puremesh.tinyworld (world.py). Everything is
+built locally (no downloads) and cached with a manifest; a complete cache is reused in well
+under a second. This module only parses the flags and prints the paths.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from puremesh.tinyworld.world import bootstrap, default_cache_dir
 
 from .errors import CliError
 
@@ -40,13 +42,11 @@ def _log(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import tinyworld
-
-    cache = Path(args.cache) if args.cache else tinyworld.default_cache_dir()
+    cache = Path(args.cache) if args.cache else default_cache_dir()
     if cache.exists() and not cache.is_dir():
         raise CliError(f"--cache {cache} exists and is not a directory")
     try:
-        world = tinyworld.bootstrap(cache, force=args.force, quick=args.quick, log=_log)
+        world = bootstrap(cache, force=args.force, quick=args.quick, log=_log)
     except OSError as error:
         raise CliError(
             f"cannot write the cache in {cache}: {error.strerror or error}", exit_code=1

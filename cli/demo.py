@@ -16,7 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+from puremesh.tinyworld.world import bootstrap, default_cache_dir
+
 from .errors import CliError
+from .process_mesh import run_mesh
+from .run_settings import RunSettings
 
 CREDITS = ("min", "sum")
 PLOTS = {
@@ -52,8 +56,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def demo_settings(world, out: Path, credit: str, steps: int | None, n_eval: int | None, engine: str):
     """The demo budget: sized so that bootstrap plus both runs fit in 15 minutes on 2 CPU cores."""
-    from .run_settings import RunSettings
-
     return RunSettings.model_validate(
         {
             "learner": {
@@ -97,23 +99,20 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from . import tinyworld
-    from .process_mesh import run_mesh
-
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     print("puremesh demo: 1/4 bootstrap the tiny world (cached after the first run)", flush=True)
-    cache = args.cache or tinyworld.default_cache_dir()
+    cache = args.cache or default_cache_dir()
     if args.quick:
         cache, args.steps, args.n_eval = (
             Path(cache).with_name("tinyworld-quick"),
             args.steps or 2,
             args.n_eval or 40,
         )
-    world = tinyworld.bootstrap(cache, quick=args.quick, log=lambda line: print(f"  {line}", flush=True))
+    world = bootstrap(cache, quick=args.quick, log=lambda line: print(f"  {line}", flush=True))
     results = {}
     for number, credit in enumerate(CREDITS, 2):
         print(f"puremesh demo: {number}/4 train with {credit}-form credit", flush=True)

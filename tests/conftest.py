@@ -16,11 +16,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding the tiny tokenizer (puremesh.cli.tinyworld.build_tokenizer)."""
-    from puremesh.cli import tinyworld
+    """A directory holding the tiny tokenizer (puremesh.tinyworld.tokenizer.build_tokenizer)."""
+    from puremesh.tinyworld.tokenizer import build_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-tokenizer")
-    tinyworld.build_tokenizer(out)
+    build_tokenizer(out)
     return out
 
 
@@ -29,11 +29,11 @@ def tiny_policy_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir
     """A directory holding a random tiny Qwen2ForCausalLM (seed 0) with its tokenizer."""
     from transformers import AutoTokenizer
 
-    from puremesh.cli import tinyworld
+    from puremesh.tinyworld.models import build_policy
 
     out = tmp_path_factory.mktemp("tiny-policy")
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir), local_files_only=True)
-    tinyworld.build_policy(out, tokenizer, seed=0)
+    build_policy(out, tokenizer, seed=0)
     return out
 
 
@@ -43,11 +43,11 @@ def tiny_prm_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: P
     tokenizer."""
     from transformers import AutoTokenizer
 
-    from puremesh.cli import tinyworld
+    from puremesh.tinyworld.models import build_prm
 
     out = tmp_path_factory.mktemp("tiny-prm")
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir), local_files_only=True)
-    tinyworld.build_prm(out, tokenizer, seed=0)
+    build_prm(out, tokenizer, seed=0)
     return out
 
 

@@ -11,24 +11,24 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from puremesh.cli import tinyworld
 from puremesh.cli.main import main
 from puremesh.services.prm.scorer import PrmScorer
+from puremesh.tinyworld.world import BootstrapConfig, TinyWorld, bootstrap, load_world
 from puremesh.trainer.data import format_prompt, load_problems
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> tinyworld.TinyWorld:
+def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
     lines: list[str] = []
-    built = tinyworld.bootstrap(tmp_path_factory.mktemp("cache") / "tinyworld", quick=True, log=lines.append)
+    built = bootstrap(tmp_path_factory.mktemp("cache") / "tinyworld", quick=True, log=lines.append)
     assert not built.reused
     assert any("[5/5]" in line for line in lines), lines
     return built
 
 
-def test_task_files(world: tinyworld.TinyWorld) -> None:
+def test_task_files(world: TinyWorld) -> None:
     train, heldout = load_problems(world.train_path), load_problems(world.heldout_path)
     assert len(heldout) >= 1000
     assert not {p.question for p in train} & {p.question for p in heldout}
@@ -43,7 +43,7 @@ def test_task_files(world: tinyworld.TinyWorld) -> None:
         assert row["labels"] == sorted(row["labels"], reverse=True)
 
 
-def test_policy_generates_steps(world: tinyworld.TinyWorld) -> None:
+def test_policy_generates_steps(world: TinyWorld) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(world.policy_dir), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(world.policy_dir), local_files_only=True)
     question = load_problems(world.heldout_path)[0].question
@@ -55,7 +55,7 @@ def test_policy_generates_steps(world: tinyworld.TinyWorld) -> None:
     assert 0.0 <= world.greedy_accuracy <= 1.0 and world.greedy_problems > 0
 
 
-def test_prm_scores_with_the_service_scorer(world: tinyworld.TinyWorld) -> None:
+def test_prm_scores_with_the_service_scorer(world: TinyWorld) -> None:
     scorer = PrmScorer(world.prm_dir)
     row = json.loads(world.prm_data_path.read_text().splitlines()[0])
     response = [*scorer.tokenize("\n\n".join(row["steps"])), scorer.eos_id]
@@ -65,17 +65,17 @@ def test_prm_scores_with_the_service_scorer(world: tinyworld.TinyWorld) -> None:
     assert 0.0 <= world.prm_step_accuracy <= 1.0
 
 
-def test_cache_is_reused_fast(world: tinyworld.TinyWorld) -> None:
+def test_cache_is_reused_fast(world: TinyWorld) -> None:
     began = time.perf_counter()
-    again = tinyworld.bootstrap(world.root, quick=True, log=lambda _: None)
+    again = bootstrap(world.root, quick=True, log=lambda _: None)
     assert time.perf_counter() - began < 2.0
     assert again.reused and again.policy_dir == world.policy_dir
     assert again.greedy_accuracy == world.greedy_accuracy
     # another configuration does not reuse it
-    assert tinyworld.load_world(world.root, tinyworld.BootstrapConfig()) is None
+    assert load_world(world.root, BootstrapConfig()) is None
 
 
-def test_prm_train_command(world: tinyworld.TinyWorld, tmp_path: Path, capsys) -> None:
+def test_prm_train_command(world: TinyWorld, tmp_path: Path, capsys) -> None:
     data = tmp_path / "steps.jsonl"
     data.write_text("\n".join(world.prm_data_path.read_text().splitlines()[:24]) + "\n")
     out = tmp_path / "prm"

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from puremesh.cli import tinyworld
 from puremesh.contract import steps as layout
 from puremesh.services.prm.batcher import BatcherFull, BatcherStopped, BatchStats, DynamicBatcher
 from puremesh.services.prm.scorer import PrmScorer
+from puremesh.tinyworld.corpus import synthetic_corpus
 
 ATOL = 1e-5
 
@@ -28,7 +28,7 @@ def scorer(tiny_prm_dir: Path) -> PrmScorer:
 def pairs(scorer: PrmScorer) -> list[tuple[list[int], list[int]]]:
     """(prompt_ids, response_ids) of synthetic solutions, responses ending in EOS."""
     out = []
-    for text in tinyworld.synthetic_corpus(size=120, seed=7):
+    for text in synthetic_corpus(size=120, seed=7):
         question, solution = text.split("\n", 1)
         out.append((scorer.tokenize(question + "\n"), [*scorer.tokenize(solution), scorer.eos_id]))
     return out
