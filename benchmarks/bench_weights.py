@@ -1,10 +1,10 @@
 """Weight sync throughput: the learner's WeightService fanning one version out to 1, 2 and 4
 replicas, against a raw loopback TCP copy of the same bytes.
 
-weights  the learner (WeightPublisher with its bulk data plane + WeightServicer in a
-         ServiceHost) in this process; each subscriber is a separate process (as replicas are)
-         that watches WatchVersions and, on each announcement, downloads the version with the
-         rollout side's WeightFetcher and rebuilds the tensors (no engine), along one path:
+weights  the learner (weightsync's WeightStore, WeightServicer in a ServiceHost, BulkServer) in
+         this process; each subscriber is a separate process (as replicas are) that watches
+         WatchVersions and, on each announcement, downloads the version with the replica side's
+         WeightFetcher and rebuilds the tensors (no engine), along one path:
            bulk  the default: DescribeVersion, then the bytes over the bulk TCP port straight
                  into the buffer, every chunk's CRC-32 checked on a second thread as it arrives;
            grpc  the FetchWeights chunk stream (bulk=False): every chunk received through gRPC,
@@ -64,9 +64,11 @@ def subscriber_process(index: int, target: str, rounds: int, bulk: bool, ready, 
 
 
 async def _subscriber(index: int, target: str, rounds: int, bulk: bool, ready, results) -> None:
-    from puremesh.services.rollout.weight_sync import BULK_FALLBACKS, Announcement, WeightFetcher
+    from puremesh.weightsync.fetcher import WeightFetcher
+    from puremesh.weightsync.tcp_bulk import BULK_FALLBACKS
+    from puremesh.weightsync.transport import Announcement, FetchOptions
 
-    async with WeightFetcher(target, f"bench-{index}", bulk=bulk) as fetcher:
+    async with WeightFetcher(target, f"bench-{index}", FetchOptions(bulk=bulk)) as fetcher:
         stream = fetcher.watch(0)
         await stream.initial_metadata()
         ready.put(index)
@@ -86,20 +88,16 @@ async def _subscriber(index: int, target: str, rounds: int, bulk: bool, ready, r
 
 
 async def run_weights(tensors, fanout: int, rounds: int, chunk_bytes: int, bulk: bool) -> dict:
-    from puremesh.rpc.server import ServiceDefinition, ServiceHost
+    from puremesh.rpc.server import ServiceHost
     from puremesh.rpc.settings import ServerSettings
-    from puremesh.trainer.weights import (
-        SERVICE_NAME,
-        WeightPublisher,
-        WeightServicer,
-        add_weight_service_to_server,
-    )
+    from puremesh.weightsync.bulk_server import BulkServer
+    from puremesh.weightsync.servicer import WeightServicer, weight_service
+    from puremesh.weightsync.store import WeightStore
 
-    publisher = WeightPublisher(retain=2, chunk_bytes=chunk_bytes, bulk_host="127.0.0.1")
-    definition = ServiceDefinition(
-        "weights", SERVICE_NAME, WeightServicer(publisher), add_weight_service_to_server
-    )
-    host = ServiceHost([definition], ServerSettings(metrics_port=None))
+    publisher = WeightStore(retain=2, chunk_bytes=chunk_bytes)
+    bulk_server = BulkServer(publisher, "127.0.0.1")
+    publisher.offer_bulk(bulk_server.port)
+    host = ServiceHost([weight_service(WeightServicer(publisher))], ServerSettings(metrics_port=None))
     await host.start()
     context = mp.get_context("spawn")
     ready, results = context.Queue(), context.Queue()
@@ -131,6 +129,7 @@ async def run_weights(tensors, fanout: int, rounds: int, chunk_bytes: int, bulk:
         if worker.exitcode:
             raise RuntimeError(f"a subscriber exited with {worker.exitcode}")
     publisher.close()
+    bulk_server.close()
     await host.drain(grace=1)
     return {
         "bytes": info.total_bytes,
@@ -205,7 +204,7 @@ def _send(conn: socket.socket, data: memoryview) -> None:
 
 
 def main() -> None:
-    from puremesh.trainer.weights import DEFAULT_CHUNK_BYTES
+    from puremesh.weightsync.store import DEFAULT_CHUNK_BYTES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=64, help="size of the state dict in MB")

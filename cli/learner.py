@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from puremesh.rpc.server import ServiceDefinition, ServiceHost
+from puremesh.rpc.server import ServiceHost
 from puremesh.rpc.settings import ServerSettings, log_settings
 from puremesh.trainer.loop import Mesh, RunResult, train
-from puremesh.trainer.settings import LearnerSettings
-from puremesh.trainer.weights import WeightPublisher, WeightServicer, add_weight_service_to_server
+from puremesh.trainer.settings import LearnerSettings, WeightServerSettings
+from puremesh.weightsync.bulk_server import BulkServer
+from puremesh.weightsync.servicer import WeightServicer, weight_service
+from puremesh.weightsync.store import WeightStore
 
 from .adapters import MeshRollout, MeshScorer, MeshVerifier
 
@@ -29,24 +31,9 @@ async def learn(
     on_step=None,
 ) -> RunResult:
     """Host the WeightService, connect to the services, train."""
-    weights = learner.weights
-    publisher = WeightPublisher(
-        retain=weights.retain_versions,
-        chunk_bytes=weights.chunk_bytes,
-        bulk_chunk_bytes=weights.bulk_chunk_bytes,
-        bulk_host=weights.host if weights.bulk else None,
-        bulk_port=weights.bulk_port,
-        bulk_advertise_host=weights.bulk_advertise_host,
-    )
+    store, bulk = weight_store(learner.weights)
     host = ServiceHost(
-        [
-            ServiceDefinition(
-                "weights",
-                "puremesh.weights.v1.WeightService",
-                WeightServicer(publisher),
-                add_weight_service_to_server,
-            )
-        ],
+        [weight_service(WeightServicer(store))],
         ServerSettings(
             host=learner.weights.host, port=learner.weights.port, metrics_port=learner.metrics_port
         ),
@@ -54,11 +41,11 @@ async def learn(
     try:
         await host.start()
     except BaseException:
-        publisher.close()  # stops the bulk data plane's threads
+        close_weights(store, bulk)
         raise
     log_settings("learner", learner)
-    if publisher.bulk is not None:
-        log.info("weights: gRPC on %s, bulk data plane on port %d", host.target, publisher.bulk_port)
+    if bulk is not None:
+        log.info("weights: gRPC on %s, bulk data plane on port %d", host.target, bulk.port)
     try:
         if on_weights_ready is not None:
             learner = await on_weights_ready(host.target, learner)
@@ -68,7 +55,7 @@ async def learn(
             MeshRollout(learner.endpoints.rollout, timeout, apps.get("rollout", "")),
             MeshScorer(learner.endpoints.prm, timeout, apps.get("prm", "")),
             MeshVerifier(learner.endpoints.verify, timeout, apps.get("verify", "")),
-            publisher,
+            store,
             replicas=replicas,
         )
         try:
@@ -78,5 +65,27 @@ async def learn(
                 mesh.rollout.pool.close(), mesh.scorer.pool.close(), mesh.verifier.pool.close()
             )
     finally:
-        publisher.close()
+        close_weights(store, bulk)  # ends the WatchVersions streams, so the drain need not wait
         await host.drain(grace=1)
+
+
+def weight_store(weights: WeightServerSettings) -> tuple[WeightStore, BulkServer | None]:
+    """The learner's version store and, when `weights.bulk`, its bulk data plane (bound now),
+    announced with every version."""
+    store = WeightStore(
+        retain=weights.retain_versions,
+        chunk_bytes=weights.chunk_bytes,
+        bulk_chunk_bytes=weights.bulk_chunk_bytes,
+    )
+    if not weights.bulk:
+        return store, None
+    bulk = BulkServer(store, weights.host, weights.bulk_port)
+    store.offer_bulk(bulk.port, weights.bulk_advertise_host)
+    return store, bulk
+
+
+def close_weights(store: WeightStore, bulk: BulkServer | None) -> None:
+    """Stop serving weights: the store's streams end, the bulk port and its connections close."""
+    store.close()
+    if bulk is not None:
+        bulk.close()

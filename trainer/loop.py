@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from puremesh.contract.sampling import SamplingSpec
+from puremesh.weightsync.store import WeightStore
 
 from . import checkpoint, metrics
 from .backends import AnswerVerifier, RolloutBackend, StepScorer
@@ -32,7 +33,6 @@ from .data import Problem, ProblemStream, format_prompt, load_problems
 from .policy import load_policy, named_weights
 from .settings import LearnerSettings
 from .update import build_experience, ppo_update
-from .weights import WeightPublisher
 
 log = logging.getLogger(__name__)
 EVAL_CONCURRENCY = 64
@@ -46,7 +46,7 @@ class Mesh:
     rollout: RolloutBackend
     scorer: StepScorer
     verifier: AnswerVerifier
-    publisher: WeightPublisher
+    publisher: WeightStore
     replicas: int = 1  # rollout replicas expected to follow the published versions
 
 

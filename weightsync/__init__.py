@@ -1,1 +1,13 @@
-"""Weight sync: the learner publishes policy versions, rollout replicas pull them (docs/LAYOUT.md)."""
+"""Weight sync: the learner publishes policy versions, rollout replicas pull them (weights.proto;
+docs/LAYOUT.md). The wire's hand-written half is contract/weights.py and contract/bulk.py.
+
+Learner side (built side by side by the composition root, cli/learner.py):
+    store.py        WeightStore: versions, buffers, eviction, readers, replica records
+    servicer.py     WeightServicer: the gRPC WeightService over the store
+    bulk_server.py  BulkServer: the bulk data plane, reading the store through a Protocol
+
+Replica side:
+    fetcher.py      WeightFetcher: watch, current version, download through a transport
+    transport.py    the Transport interface; grpc_stream.py and tcp_bulk.py (+ bulk_receiver.py)
+    subscriber.py   WeightSubscriber: keeps a WeightSink (the rollout engine) on the newest version
+"""

@@ -7,11 +7,13 @@ import socket
 
 from puremesh.rollout.v1 import rollout_pb2_grpc
 from puremesh.rpc.server import ServiceDefinition
+from puremesh.weightsync.fetcher import WeightFetcher
+from puremesh.weightsync.subscriber import WeightSubscriber
+from puremesh.weightsync.transport import FetchOptions
 
 from .engine import Engine
 from .servicer import POLICY_VERSION, SERVICE, RolloutServicer
 from .settings import RolloutSettings
-from .weight_sync import WeightSubscriber
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +63,8 @@ def rollout_service(settings: RolloutSettings) -> ServiceDefinition:
     servicer = RolloutServicer(settings, engine, replica_id)
     subscriber = None
     if settings.weights_target:
-        subscriber = WeightSubscriber(
-            engine,
-            settings.weights_target,
-            replica_id,
-            on_version=POLICY_VERSION.set,
-            bulk=settings.weights_bulk,
-        )
+        fetcher = WeightFetcher(settings.weights_target, replica_id, FetchOptions(bulk=settings.weights_bulk))
+        subscriber = WeightSubscriber(engine, fetcher, on_version=POLICY_VERSION.set)
 
     async def start() -> None:
         await engine.start()

@@ -18,7 +18,7 @@ from puremesh.cli.main import main
 from puremesh.prm.v1 import prm_pb2
 from puremesh.rollout.v1 import rollout_pb2
 from puremesh.rpc import metrics
-from puremesh.rpc.server import ServiceDefinition, ServiceHost
+from puremesh.rpc.server import ServiceHost
 from puremesh.rpc.settings import ServerSettings, SettingsError
 from puremesh.services.prm.ray_app import PrmDeployment
 from puremesh.services.ray_serve import (
@@ -34,13 +34,9 @@ from puremesh.services.verify.app import verify_service
 from puremesh.services.verify.ray_app import SPEC as VERIFY_SPEC
 from puremesh.services.verify.ray_app import VerifyDeployment
 from puremesh.services.verify.settings import VerifySettings
-from puremesh.trainer.weights import (
-    SERVICE_NAME,
-    WeightPublisher,
-    WeightServicer,
-    add_weight_service_to_server,
-)
 from puremesh.verify.v1 import verify_pb2
+from puremesh.weightsync.servicer import WeightServicer, weight_service
+from puremesh.weightsync.store import WeightStore
 
 NO_METRICS = {"server": {"metrics_port": None}}
 
@@ -228,10 +224,9 @@ async def test_rollout_replica_pulls_the_learners_weights_before_it_is_ready(tin
         (n, p.detach() + 0.05 * torch.randn(p.shape, generator=generator))
         for n, p in model.named_parameters()
     ]
-    publisher = WeightPublisher(retain=2, chunk_bytes=64 << 10)
+    publisher = WeightStore(retain=2, chunk_bytes=64 << 10)
     learner = ServiceHost(
-        [ServiceDefinition("weights", SERVICE_NAME, WeightServicer(publisher), add_weight_service_to_server)],
-        ServerSettings(port=0, metrics_port=None),
+        [weight_service(WeightServicer(publisher))], ServerSettings(port=0, metrics_port=None)
     )
     await learner.start()
     publisher.publish(3, weights)

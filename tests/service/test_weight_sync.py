@@ -1,15 +1,16 @@
-"""Weight sync over real servers on port 0: the learner's WeightService (trainer.weights) in a
-ServiceHost, with or without its bulk data plane, rollout replicas (hf engine, tiny policy)
-following it with a WeightSubscriber.
+"""Weight sync over real servers on port 0: the learner's weight side (weightsync.store,
+servicer, bulk_server) in a ServiceHost, with or without its bulk data plane, rollout replicas
+(hf engine, tiny policy) following it with a WeightSubscriber.
 
-Tests may import both sides; the ServiceDefinition of the learner is built here, as the
-composition root (cli/) does.
+Tests may import both sides; the learner is wired here (weightsync_learner.py) as the
+composition root (cli/learner.py) wires it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import types
 from collections.abc import Callable
 
@@ -18,25 +19,23 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoModelForCausalLM
+from weightsync_learner import Learner
+from weightsync_learner import start_learner as start
 
 from puremesh.rollout.v1 import rollout_pb2, rollout_pb2_grpc
 from puremesh.rpc.client import RetryPolicy
-from puremesh.rpc.server import ServiceDefinition, ServiceHost
+from puremesh.rpc.server import ServiceHost
 from puremesh.rpc.settings import ServerSettings
-from puremesh.services.rollout import weight_sync
 from puremesh.services.rollout.app import rollout_service
 from puremesh.services.rollout.engine import SamplingSpec
 from puremesh.services.rollout.hf_engine import HfEngine
 from puremesh.services.rollout.settings import RolloutSettings
-from puremesh.services.rollout.weight_sync import Announcement, WeightSubscriber
-from puremesh.trainer.weights import (
-    SERVICE_NAME,
-    WeightPublisher,
-    WeightServicer,
-    add_weight_service_to_server,
-    announcement,
-)
 from puremesh.weights.v1 import weights_pb2, weights_pb2_grpc
+from puremesh.weightsync import tcp_bulk, transport
+from puremesh.weightsync.fetcher import WeightFetcher
+from puremesh.weightsync.servicer import announcement
+from puremesh.weightsync.subscriber import WeightSubscriber
+from puremesh.weightsync.transport import Announcement, FetchOptions
 
 CHUNK_BYTES = 64 << 10  # the tiny policy (~2 MB) spans a few dozen chunks
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.02, max_backoff_s=0.2)
@@ -44,53 +43,22 @@ PROMPT = "Question: Tom has 5 apples. Tom gets 3 more. How many apples does Tom 
 GREEDY = SamplingSpec(n=1, temperature=0.0, max_new_tokens=16)
 
 
-@dataclasses.dataclass
-class Learner:
-    host: ServiceHost
-    publisher: WeightPublisher
-    servicer: WeightServicer
-    fetched_chunks: list[int] = dataclasses.field(default_factory=list)  # FetchWeights chunk indices
-
-    @property
-    def target(self) -> str:
-        return self.host.target
-
-    async def stop(self) -> None:
-        self.publisher.close()  # ends the WatchVersions streams, so the drain need not wait
-        await self.host.drain(grace=1)
-
-
 @pytest.fixture
 async def start_learner():
     started: list[Learner] = []
 
-    async def start(port: int = 0, bulk: bool = False) -> Learner:
-        publisher = WeightPublisher(
-            retain=2, chunk_bytes=CHUNK_BYTES, bulk_host="127.0.0.1" if bulk else None
-        )
-        servicer = WeightServicer(publisher)
-        definition = ServiceDefinition(
-            name="weights",
-            full_name=SERVICE_NAME,
-            servicer=servicer,
-            add_to_server=add_weight_service_to_server,
-        )
-        host = ServiceHost([definition], ServerSettings(port=port, metrics_port=None))
-        await host.start()
-        learner = Learner(host, publisher, servicer)
-        produce = servicer.chunk
-
-        def record(stored, index, chunk_bytes, with_manifest):
-            learner.fetched_chunks.append(index)
-            return produce(stored, index, chunk_bytes, with_manifest)
-
-        servicer.chunk = record
+    async def start_one(port: int = 0, bulk: bool = False) -> Learner:
+        learner = await start(port=port, chunk_bytes=CHUNK_BYTES, bulk=bulk)
         started.append(learner)
         return learner
 
-    yield start
+    yield start_one
     for learner in started:
         await learner.stop()
+
+
+def subscriber_of(engine, target: str, replica_id: str = "replica-1") -> WeightSubscriber:
+    return WeightSubscriber(engine, WeightFetcher(target, replica_id, FetchOptions(retry=FAST_RETRY)))
 
 
 @pytest.fixture(scope="module")
@@ -160,35 +128,35 @@ async def test_replica_follows_versions_and_matches_transformers(
     start_learner, engine, reference_model, policy_versions
 ) -> None:
     learner = await start_learner()
-    subscriber = WeightSubscriber(engine, learner.target, "replica-1", retry=FAST_RETRY)
+    subscriber = subscriber_of(engine, learner.target)
     swapped: list[int] = []
     subscriber.on_version = swapped.append
     before = await greedy(engine)
     subscriber.start()
-    await wait_until(lambda: learner.publisher.replicas.get("replica-1", None) is not None)
-    assert learner.publisher.replicas["replica-1"].version == 0
-    assert learner.publisher.replicas["replica-1"].watching
+    await wait_until(lambda: learner.store.replicas.get("replica-1", None) is not None)
+    assert learner.store.replicas["replica-1"].version == 0
+    assert learner.store.replicas["replica-1"].watching
 
-    learner.publisher.publish(1, policy_versions(1))
-    learner.publisher.publish(2, policy_versions(2))
+    learner.store.publish(1, policy_versions(1))
+    learner.store.publish(2, policy_versions(2))
     await wait_until(lambda: engine.policy_version == 2)
     after = await greedy(engine)
     assert after == transformers_greedy(reference_model, engine, policy_versions(2))
     assert after != before
     assert swapped[-1] == 2 and len(swapped) <= 2  # the newest only, when both came during a swap
 
-    states = await learner.publisher.wait_for_replicas(2, ["replica-1"], timeout=10)
+    states = await learner.store.wait_for_replicas(2, ["replica-1"], timeout=10)
     assert states["replica-1"].version == 2 and states["replica-1"].watching
-    assert (await learner.publisher.wait_for_replicas(2, 1, timeout=10)).keys() == {"replica-1"}
+    assert (await learner.store.wait_for_replicas(2, 1, timeout=10)).keys() == {"replica-1"}
     with pytest.raises(TimeoutError, match="replica-2"):
-        await learner.publisher.wait_for_replicas(2, ["replica-1", "replica-2"], timeout=0.1)
+        await learner.store.wait_for_replicas(2, ["replica-1", "replica-2"], timeout=0.1)
 
-    learner.publisher.publish(3, policy_versions(3))
-    await learner.publisher.wait_for_replicas(3, ["replica-1"], timeout=10)
+    learner.store.publish(3, policy_versions(3))
+    await learner.store.wait_for_replicas(3, ["replica-1"], timeout=10)
     await wait_until(lambda: engine.policy_version == 3)
     await subscriber.stop()
-    await wait_until(lambda: not learner.publisher.replicas["replica-1"].watching)
-    assert learner.publisher.replicas["replica-1"].version == 3
+    await wait_until(lambda: not learner.store.replicas["replica-1"].watching)
+    assert learner.store.replicas["replica-1"].version == 3
 
 
 async def test_corrupted_chunk_is_refetched_and_the_load_succeeds(
@@ -208,15 +176,15 @@ async def test_corrupted_chunk_is_refetched_and_the_load_succeeds(
         return chunk
 
     monkeypatch.setattr(learner.servicer, "chunk", flip_once)
-    info = learner.publisher.publish(1, policy_versions(1))
-    retries = weight_sync.CHUNK_RETRIES._value.get()
-    subscriber = WeightSubscriber(engine, learner.target, "replica-1", retry=FAST_RETRY)
+    info = learner.store.publish(1, policy_versions(1))
+    retries = transport.CHUNK_RETRIES._value.get()
+    subscriber = subscriber_of(engine, learner.target)
     try:
         assert await subscriber.fetch(Announcement.from_proto(announcement(info))) == 1
     finally:
         await subscriber.stop()
     assert sent == [*range(info.total_chunks), 3]  # all chunks, then only the bad one
-    assert weight_sync.CHUNK_RETRIES._value.get() - retries == 1
+    assert transport.CHUNK_RETRIES._value.get() - retries == 1
     assert await greedy(engine) == transformers_greedy(reference_model, engine, policy_versions(1))
 
 
@@ -253,8 +221,8 @@ async def test_late_replica_pulls_the_current_version_before_serving(
     start_learner, tiny_policy_dir, policy_versions
 ) -> None:
     learner = await start_learner()
-    learner.publisher.publish(1, policy_versions(1))
-    learner.publisher.publish(2, policy_versions(2))
+    learner.store.publish(1, policy_versions(1))
+    learner.store.publish(2, policy_versions(2))
     host = await start_replica(tiny_policy_dir, learner, "late")
     try:
         loading = asyncio.create_task(host.load())
@@ -262,10 +230,10 @@ async def test_late_replica_pulls_the_current_version_before_serving(
         await loading
         assert seen[-1] == (2, True)
         assert all(version == 2 for version, serving in seen if serving)
-        assert learner.publisher.replicas["late"].version == 2
+        assert learner.store.replicas["late"].version == 2
         # then it follows the learner
-        learner.publisher.publish(3, policy_versions(3))
-        await learner.publisher.wait_for_replicas(3, ["late"], timeout=20)
+        learner.store.publish(3, policy_versions(3))
+        await learner.store.wait_for_replicas(3, ["late"], timeout=20)
         engine = host.services["puremesh.rollout.v1.RolloutService"].servicer.engine
         await wait_until(lambda: engine.policy_version == 3)
     finally:
@@ -281,7 +249,7 @@ async def test_replica_of_a_learner_that_has_published_nothing_starts_at_version
         await host.load()
         engine = host.services["puremesh.rollout.v1.RolloutService"].servicer.engine
         assert host.ready and engine.policy_version == 0
-        learner.publisher.publish(1, policy_versions(1))
+        learner.store.publish(1, policy_versions(1))
         await wait_until(lambda: engine.policy_version == 1)
     finally:
         await host.drain(grace=1)
@@ -289,7 +257,7 @@ async def test_replica_of_a_learner_that_has_published_nothing_starts_at_version
 
 async def test_sync_once_gives_up_on_an_unreachable_learner(unused_tcp_port) -> None:
     engine = types.SimpleNamespace(policy_version=0)
-    subscriber = WeightSubscriber(engine, f"127.0.0.1:{unused_tcp_port}", "replica-1", retry=FAST_RETRY)
+    subscriber = subscriber_of(engine, f"127.0.0.1:{unused_tcp_port}")
     try:
         with pytest.raises(TimeoutError, match="could not pull the current version"):
             await subscriber.sync_once(timeout=0.5)
@@ -300,19 +268,19 @@ async def test_sync_once_gives_up_on_an_unreachable_learner(unused_tcp_port) -> 
 async def test_subscriber_reconnects_to_a_restarted_learner(start_learner, engine, policy_versions) -> None:
     first = await start_learner()
     port = first.host.port
-    subscriber = WeightSubscriber(engine, first.target, "replica-1", retry=FAST_RETRY)
+    subscriber = subscriber_of(engine, first.target)
     subscriber.start()
     try:
-        first.publisher.publish(1, policy_versions(1))
+        first.store.publish(1, policy_versions(1))
         await wait_until(lambda: engine.policy_version == 1)
         await first.stop()
         await asyncio.sleep(0.3)  # the subscriber finds nobody for a while
         second = await start_learner(port=port)
-        await wait_until(lambda: second.publisher.replicas.get("replica-1") is not None)
-        assert second.publisher.replicas["replica-1"].version == 1  # what it reported on reconnect
-        second.publisher.publish(2, policy_versions(2))
+        await wait_until(lambda: second.store.replicas.get("replica-1") is not None)
+        assert second.store.replicas["replica-1"].version == 1  # what it reported on reconnect
+        second.store.publish(2, policy_versions(2))
         await wait_until(lambda: engine.policy_version == 2)
-        assert (await second.publisher.wait_for_replicas(2, 1, timeout=10)).keys() == {"replica-1"}
+        assert (await second.store.wait_for_replicas(2, 1, timeout=10)).keys() == {"replica-1"}
     finally:
         await subscriber.stop()
 
@@ -343,11 +311,11 @@ async def test_status_codes_and_chunking_via_raw_stubs(start_learner) -> None:
 
         # a watcher that lags behind several publishes hears only the newest
         stream = stub.WatchVersions(watch(replica_id="raw", current_version=0), timeout=10)
-        info = learner.publisher.publish(1, weights)
+        info = learner.store.publish(1, weights)
         first = await stream.read()
         assert first == announcement(info) and first.total_bytes == 4006 and first.total_chunks == 1
-        learner.publisher.publish(2, weights)
-        learner.publisher.publish(3, weights)
+        learner.store.publish(2, weights)
+        learner.store.publish(3, weights)
         assert (await stream.read()).version == 3
         stream.cancel()
         # announced at once when the replica is behind; nothing when it is current
@@ -376,14 +344,14 @@ async def test_status_codes_and_chunking_via_raw_stubs(start_learner) -> None:
             grpc.StatusCode.INVALID_ARGUMENT
         )
         assert await code_of(_fetch_call(stub, version=1)) == grpc.StatusCode.NOT_FOUND  # evicted
-        assert learner.publisher.replicas["raw"].version == 3  # full fetches count, subsets do not
+        assert learner.store.replicas["raw"].version == 3  # full fetches count, subsets do not
 
         learner.servicer.max_fetches = learner.servicer.max_watchers = 0  # overload
         assert await code_of(_fetch_call(stub, version=3)) == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert await code_of(stub.WatchVersions(watch(replica_id="raw"), timeout=5)) == (
             grpc.StatusCode.RESOURCE_EXHAUSTED
         )
-        learner.publisher.close()
+        learner.store.close()
         assert await code_of(stub.WatchVersions(watch(replica_id="raw"), timeout=5)) == (
             grpc.StatusCode.UNAVAILABLE
         )
@@ -398,26 +366,26 @@ async def test_replica_follows_versions_over_the_bulk_data_plane(
     start_learner, engine, reference_model, policy_versions
 ) -> None:
     learner = await start_learner(bulk=True)
-    subscriber = WeightSubscriber(engine, learner.target, "replica-1", retry=FAST_RETRY)
-    fallbacks = sum(s.value for m in weight_sync.BULK_FALLBACKS.collect() for s in m.samples)
+    subscriber = subscriber_of(engine, learner.target)
+    fallbacks = sum(s.value for m in tcp_bulk.BULK_FALLBACKS.collect() for s in m.samples)
     subscriber.start()
     try:
-        learner.publisher.publish(1, policy_versions(1))
+        learner.store.publish(1, policy_versions(1))
         await wait_until(lambda: engine.policy_version == 1)
-        learner.publisher.publish(2, policy_versions(2))
-        states = await learner.publisher.wait_for_replicas(2, ["replica-1"], timeout=20)
+        learner.store.publish(2, policy_versions(2))
+        states = await learner.store.wait_for_replicas(2, ["replica-1"], timeout=20)
         assert states["replica-1"].version == 2  # recorded by the bulk server
         await wait_until(lambda: engine.policy_version == 2)
         assert await greedy(engine) == transformers_greedy(reference_model, engine, policy_versions(2))
     finally:
         await subscriber.stop()
     assert learner.fetched_chunks == []  # not one FetchWeights chunk
-    assert sum(s.value for m in weight_sync.BULK_FALLBACKS.collect() for s in m.samples) == fallbacks
+    assert sum(s.value for m in tcp_bulk.BULK_FALLBACKS.collect() for s in m.samples) == fallbacks
 
 
 async def test_replica_settings_choose_the_path(start_learner, tiny_policy_dir, policy_versions) -> None:
     learner = await start_learner(bulk=True)
-    info = learner.publisher.publish(1, policy_versions(1))
+    info = learner.store.publish(1, policy_versions(1))
     for replica_id, bulk in (("bulk", True), ("grpc", False)):
         learner.fetched_chunks.clear()
         host = await start_replica(tiny_policy_dir, learner, replica_id, weights_bulk=bulk)
@@ -434,15 +402,44 @@ async def test_closed_bulk_port_falls_back_to_fetchweights(
     start_learner, engine, reference_model, policy_versions
 ) -> None:
     learner = await start_learner(bulk=True)
-    subscriber = WeightSubscriber(engine, learner.target, "replica-1", retry=FAST_RETRY)
-    before = weight_sync.BULK_FALLBACKS.labels("connect")._value.get()
+    subscriber = subscriber_of(engine, learner.target)
+    before = tcp_bulk.BULK_FALLBACKS.labels("connect")._value.get()
     subscriber.start()
     try:
-        learner.publisher.bulk.close()  # the announcements still offer the port
-        info = learner.publisher.publish(1, policy_versions(1))
+        learner.bulk.close()  # the announcements still offer the port
+        info = learner.store.publish(1, policy_versions(1))
         await wait_until(lambda: engine.policy_version == 1)
         assert await greedy(engine) == transformers_greedy(reference_model, engine, policy_versions(1))
     finally:
         await subscriber.stop()
     assert learner.fetched_chunks == list(range(info.total_chunks))
-    assert weight_sync.BULK_FALLBACKS.labels("connect")._value.get() - before == 1
+    assert tcp_bulk.BULK_FALLBACKS.labels("connect")._value.get() - before == 1
+
+
+async def test_watch_streams_end_unavailable_at_shutdown_without_tracebacks(start_learner, caplog) -> None:
+    """The servicer raises NotReady inside WatchVersions after it sent announcements; the host's
+    interceptor ends each stream with UNAVAILABLE, also for clients that cancel at that moment,
+    and logs no error."""
+    learner = await start_learner()
+    learner.store.publish(1, [("w", torch.ones(4))])
+    async with grpc.aio.insecure_channel(learner.target) as channel:
+        stub = weights_pb2_grpc.WeightServiceStub(channel)
+        streams = [
+            stub.WatchVersions(weights_pb2.WatchVersionsRequest(replica_id=f"r{i}"), timeout=10)
+            for i in range(8)
+        ]
+        for stream in streams:
+            assert (await stream.read()).version == 1
+        with caplog.at_level(logging.DEBUG):
+            learner.store.close()
+            for stream in streams[4:]:  # gone while the learner shuts down
+                stream.cancel()
+            for stream in streams[:4]:
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await stream.read()
+                assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert error.value.details() == "the learner is shutting down"
+            await wait_until(lambda: learner.host.in_flight == 0)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info] == []
+    assert learner.servicer.watchers == 0
+    assert not any(state.watching for state in learner.store.replicas.values())

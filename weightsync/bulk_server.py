@@ -1,20 +1,18 @@
 """The learner's bulk data plane: the tensor bytes of retained versions over plain TCP.
 
-gRPC (WeightService) stays the control plane: announcements, the manifest and the checksums
-(DescribeVersion). The bytes themselves go out here, with no framing per chunk and no copy, so
-that a replica receives a version about as fast as a raw socket copy of it. The protocol is part
-of the contract and is specified in the file comment of weights.proto (the rollout side
-implements it from there: trainer/ and services/ never import each other).
+gRPC (servicer.py) stays the control plane: announcements, the manifest and the checksums. The
+bytes themselves go out here, with no framing per chunk and no copy, so that a replica receives
+a version about as fast as a raw socket copy of it. The protocol is described in the file
+comment of weights.proto; its framing is contract/bulk.py.
 
 `BulkServer` listens on one TCP port. A thread accepts connections; a thread per connection
-reads requests (magic, protocol, version, offset, length, replica id) and answers each with a
-16-byte reply header and `socket.sendall` of a memoryview slice of the version's retained buffer
-(zero copy). It holds the version (WeightPublisher.acquire / release) while it sends, so that a
-publish cannot reuse the buffer mid-send. Bad requests get an error reply (NOT_FOUND,
-OUT_OF_RANGE, BAD_REQUEST, UNAVAILABLE) and the server goes on serving.
+reads requests and answers each with a reply header and `socket.sendall` of a memoryview slice
+of the version's retained buffer (zero copy). It holds the version (`acquire` / `release` of
+its `VersionSource`, the store) while it sends, so that a publish cannot reuse the buffer
+mid-send. Bad requests get an error reply and the server goes on serving.
 
-WeightPublisher starts it (`bulk_host`) and `close()` stops it: the listener and every open
-connection are shut down, so sends in flight stop at once.
+The composition root (cli/learner.py) builds it beside the store and closes it: the listener
+and every open connection are shut down, so sends in flight stop at once.
 """
 
 from __future__ import annotations
@@ -22,32 +20,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import struct
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import Counter
 
-if TYPE_CHECKING:
-    from .weights import StoredVersion, WeightPublisher
+from puremesh.contract import bulk
+from puremesh.contract.bulk import BulkStatus
 
 log = logging.getLogger(__name__)
-
-MAGIC = b"PMWB"
-PROTOCOL = 1
-REQUEST = struct.Struct("<4sHHQQQ")  # magic, protocol, id_length, version, offset, length
-REPLY = struct.Struct("<4sHHQ")  # magic, status, reserved, length
-MAX_ID_BYTES = 1024
-# reply statuses (weights.proto, "Bulk data plane")
-OK, NOT_FOUND, OUT_OF_RANGE, BAD_REQUEST, UNAVAILABLE = range(5)
-STATUS_NAMES = {
-    OK: "ok",
-    NOT_FOUND: "not_found",
-    OUT_OF_RANGE: "out_of_range",
-    BAD_REQUEST: "bad_request",
-    UNAVAILABLE: "unavailable",
-}
 
 DEFAULT_MAX_CONNECTIONS = 64
 # A connection idle this long between requests, or a send stalled this long, is closed.
@@ -62,28 +44,49 @@ BULK_SENT_BYTES = Counter(
 BULK_REQUESTS = Counter(
     "puremesh_learner_weight_bulk_requests_total",
     "Requests answered by the bulk data plane, by reply status",
-    ["status"],  # ok | not_found | out_of_range | bad_request | unavailable
+    ["status"],  # BulkStatus labels: ok | not_found | out_of_range | bad_request | unavailable
 )
 
 
-class BulkServer:
-    """Serves byte ranges of a WeightPublisher's retained versions over TCP (see the module
-    docstring). Binds at construction (`port` 0 picks a free one; `self.port` says which).
+class HeldVersion(Protocol):
+    """A version's bytes, intact while held."""
 
-    `payload(stored, start, stop)` gives the bytes sent for [start, stop) of a version: a view
-    of its buffer; tests override it to tamper with what goes out.
+    data: memoryview
+
+
+class VersionSource(Protocol):
+    """What the bulk server reads: the learner's version store (store.WeightStore)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def acquire(self, version: int) -> HeldVersion:
+        """The version, held until `release`; LookupError if it is not retained."""
+        ...
+
+    def release(self, held: HeldVersion) -> None: ...
+
+    def record_replica(self, replica_id: str, version: int | None = None, watching: int = 0) -> None: ...
+
+
+class BulkServer:
+    """Serves byte ranges of a VersionSource's versions over TCP (see the module docstring).
+    Binds at construction (`port` 0 picks a free one; `self.port` says which).
+
+    `payload(held, start, stop)` gives the bytes sent for [start, stop) of a version: a view of
+    its buffer; tests override it to tamper with what goes out.
     """
 
     def __init__(
         self,
-        publisher: WeightPublisher,
+        source: VersionSource,
         host: str = "127.0.0.1",
         port: int = 0,
         *,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         io_timeout_s: float = DEFAULT_IO_TIMEOUT_S,
     ) -> None:
-        self.publisher = publisher
+        self.source = source
         self.max_connections = max_connections
         self.io_timeout_s = io_timeout_s
         self._listener = _listen(host, port)
@@ -107,8 +110,8 @@ class BulkServer:
         with self._lock:
             return len(self._connections)
 
-    def payload(self, stored: StoredVersion, start: int, stop: int) -> memoryview | bytes:
-        return stored.data[start:stop]
+    def payload(self, held: HeldVersion, start: int, stop: int) -> memoryview | bytes:
+        return held.data[start:stop]
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop accepting, shut down every open connection (sends in flight fail at once) and
@@ -167,7 +170,7 @@ class BulkServer:
 
     def _refuse(self, conn: socket.socket, message: str) -> None:
         with contextlib.suppress(OSError):
-            self._reply_error(conn, UNAVAILABLE, message)
+            _reply_error(conn, BulkStatus.UNAVAILABLE, message)
             _close_gracefully(conn)
         conn.close()
 
@@ -176,27 +179,12 @@ class BulkServer:
         malformed, or the server closes."""
         try:
             while not self._closed:
-                head = _recv_exact(conn, REQUEST.size, eof_ok=True)
+                head = bulk.recv_exact(conn, bulk.REQUEST.size, eof_ok=True)
                 if head is None:
                     return
-                magic, protocol, id_length, version, offset, length = REQUEST.unpack(head)
-                if magic != MAGIC or protocol != PROTOCOL or id_length > MAX_ID_BYTES:
-                    self._reply_error(
-                        conn,
-                        BAD_REQUEST,
-                        f"expected magic {MAGIC!r} protocol {PROTOCOL} and a replica id of at most "
-                        f"{MAX_ID_BYTES} bytes, got {magic!r} protocol {protocol} id of {id_length} bytes",
-                    )
-                    _close_gracefully(conn)
-                    return
-                raw_id = _recv_exact(conn, id_length)
-                try:
-                    replica_id = raw_id.decode()
-                except UnicodeDecodeError:
-                    self._reply_error(conn, BAD_REQUEST, "the replica id is not UTF-8")
-                    _close_gracefully(conn)
-                    return
-                if not self._answer(conn, replica_id, version, offset, length):
+                request = bulk.unpack_request(head)
+                replica_id = _read_replica_id(conn, request)
+                if replica_id is None or not self._answer(conn, replica_id, request):
                     _close_gracefully(conn)
                     return
         except OSError:
@@ -206,45 +194,70 @@ class BulkServer:
                 self._connections.pop(conn, None)
             conn.close()
 
-    def _answer(self, conn: socket.socket, replica_id: str, version: int, offset: int, length: int) -> bool:
-        """Answer one request; False when the connection must close."""
-        publisher = self.publisher
-        if self._closed or publisher.closed:
-            self._reply_error(conn, UNAVAILABLE, "the learner is shutting down")
+    def _answer(self, conn: socket.socket, replica_id: str, request: bulk.Request) -> bool:
+        """Answer one well-formed request; False when the connection must close."""
+        source, version, offset, length = self.source, request.version, request.offset, request.length
+        if self._closed or source.closed:
+            _reply_error(conn, BulkStatus.UNAVAILABLE, "the learner is shutting down")
             return False
         try:
-            stored = publisher.acquire(version)  # its bytes stay intact until release
+            held = source.acquire(version)  # its bytes stay intact until release
         except LookupError as error:  # VersionNotFound
-            self._reply_error(conn, NOT_FOUND, str(error))
+            _reply_error(conn, BulkStatus.NOT_FOUND, str(error))
             return True
         try:
-            total = stored.info.total_bytes
+            total = len(held.data)
             if offset > total or length > total - offset:
-                self._reply_error(
-                    conn,
-                    OUT_OF_RANGE,
-                    f"bytes [{offset}, {offset + length}) out of range: version {version} has {total} bytes",
+                message = (
+                    f"bytes [{offset}, {offset + length}) out of range: version {version} has {total} bytes"
                 )
+                _reply_error(conn, BulkStatus.OUT_OF_RANGE, message)
                 return True
-            conn.sendall(REPLY.pack(MAGIC, OK, 0, length))
-            stop = offset + length
-            for start in range(offset, stop, SEND_SLICE_BYTES):
-                if self._closed:
-                    return False
-                conn.sendall(self.payload(stored, start, min(start + SEND_SLICE_BYTES, stop)))
-                BULK_SENT_BYTES.inc(min(SEND_SLICE_BYTES, stop - start))
+            conn.sendall(bulk.pack_reply(BulkStatus.OK, length))
+            if not self._send(conn, held, offset, offset + length):
+                return False
         finally:
-            publisher.release(stored)
-        BULK_REQUESTS.labels(STATUS_NAMES[OK]).inc()
+            source.release(held)
+        BULK_REQUESTS.labels(BulkStatus.OK.label).inc()
         if offset == 0 and length == total and replica_id:
-            publisher.record_replica(replica_id, version)
+            source.record_replica(replica_id, version)
         return True
 
-    @staticmethod
-    def _reply_error(conn: socket.socket, status: int, message: str) -> None:
-        BULK_REQUESTS.labels(STATUS_NAMES[status]).inc()
-        text = message.encode()
-        conn.sendall(REPLY.pack(MAGIC, status, 0, len(text)) + text)
+    def _send(self, conn: socket.socket, held: HeldVersion, start: int, stop: int) -> bool:
+        """Send [start, stop) of `held` in slices; False if a close stopped it."""
+        for begin in range(start, stop, SEND_SLICE_BYTES):
+            if self._closed or self.source.closed:
+                return False
+            end = min(begin + SEND_SLICE_BYTES, stop)
+            conn.sendall(self.payload(held, begin, end))
+            BULK_SENT_BYTES.inc(end - begin)
+        return True
+
+
+def _read_replica_id(conn: socket.socket, request: bulk.Request) -> str | None:
+    """The replica id after a request header; None (after a BAD_REQUEST reply) when the
+    header or the id is malformed."""
+    if not request.well_formed:
+        _reply_error(
+            conn,
+            BulkStatus.BAD_REQUEST,
+            f"expected magic {bulk.MAGIC!r} protocol {bulk.PROTOCOL} and a replica id of at most "
+            f"{bulk.MAX_ID_BYTES} bytes, got {request.magic!r} protocol {request.protocol} id of "
+            f"{request.id_length} bytes",
+        )
+        return None
+    raw_id = bulk.recv_exact(conn, request.id_length)
+    assert raw_id is not None
+    try:
+        return raw_id.decode()
+    except UnicodeDecodeError:
+        _reply_error(conn, BulkStatus.BAD_REQUEST, "the replica id is not UTF-8")
+        return None
+
+
+def _reply_error(conn: socket.socket, status: BulkStatus, message: str) -> None:
+    BULK_REQUESTS.labels(status.label).inc()
+    conn.sendall(bulk.pack_error(status, message))
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -269,19 +282,3 @@ def _close_gracefully(conn: socket.socket, linger_s: float = 1.0) -> None:
         deadline = time.monotonic() + linger_s
         while time.monotonic() < deadline and conn.recv(65536):
             pass
-
-
-def _recv_exact(conn: socket.socket, size: int, eof_ok: bool = False) -> bytes | None:
-    """Exactly `size` bytes; None on EOF before the first byte if `eof_ok`, else
-    ConnectionError on EOF."""
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    got = 0
-    while got < size:
-        n = conn.recv_into(view[got:])
-        if not n:
-            if eof_ok and not got:
-                return None
-            raise ConnectionError("the connection closed in the middle of a request")
-        got += n
-    return bytes(buffer)

@@ -1,44 +1,29 @@
-"""The rollout replica's side of the learner's bulk data plane (weights.proto, file comment).
+"""The replica's receiver of the learner's bulk data plane (the protocol: weights.proto's file
+comment; its framing: contract/bulk.py).
 
 `BulkReceiver` downloads one version's bytes over a plain TCP connection, on a worker thread:
 blocking `recv_into` straight into the preallocated buffer (no framing, no copy), and, as each
-CRC-32 chunk has fully arrived, a check of that chunk on a second thread (ISA-L's CRC-32, zlib's
-where the isal wheel is missing; checking overlaps with receiving). Chunks that fail their
-CRC-32 are asked for again by byte range on the same connection, up to `max_attempts` passes.
-Any failure raises `BulkError` with a reason, and the caller (weight_sync.WeightFetcher)
-falls back to FetchWeights.
-
-The protocol constants are duplicated from the contract in weights.proto, as the learner's
-trainer/weight_bulk.py does: services/ and trainer/ never import each other.
+CRC-32 chunk has fully arrived, a check of that chunk on a second thread (checking overlaps with
+receiving). Chunks that fail their CRC-32 are asked for again by byte range on the same
+connection, up to `max_attempts` passes. Any failure raises `BulkError` with a reason, and the
+bulk transport (tcp_bulk.py) falls back to FetchWeights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
-import struct
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
-try:  # ISA-L's CRC-32: the same values as zlib.crc32, about five times faster
-    from isal.isal_zlib import crc32
-except ImportError:  # pragma: no cover - a platform without the isal wheel
-    from zlib import crc32
+from puremesh.contract import bulk
+from puremesh.contract.bulk import BulkStatus, crc32
+from puremesh.contract.weights import chunk_count
 
-MAGIC = b"PMWB"
-PROTOCOL = 1
-REQUEST = struct.Struct("<4sHHQQQ")  # magic, protocol, id_length, version, offset, length
-REPLY = struct.Struct("<4sHHQ")  # magic, status, reserved, length
-MAX_ID_BYTES = 1024
-MAX_MESSAGE_BYTES = 64 << 10  # the longest error message read from a reply
-OK, NOT_FOUND, OUT_OF_RANGE, BAD_REQUEST, UNAVAILABLE = range(5)
-# BulkError.reason per reply status
-STATUS_REASONS = {NOT_FOUND: "not_found", UNAVAILABLE: "unavailable"}
 RECV_BYTES = 4 << 20  # the most bytes asked of one recv_into
-
-DEFAULT_CONNECT_TIMEOUT_S = 3.0
-DEFAULT_IO_TIMEOUT_S = 30.0
+# BulkError.reason per reply status; any other is "protocol"
+STATUS_REASONS = {BulkStatus.NOT_FOUND: "not_found", BulkStatus.UNAVAILABLE: "unavailable"}
 
 
 class BulkError(Exception):
@@ -54,40 +39,6 @@ class BulkError(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-def target_host(target: str) -> str | None:
-    """The host part of a gRPC target ("host:port", "dns:///host:port", "ipv4:a.b.c.d:port",
-    "[::1]:port", "host"); None for targets without one (e.g. "unix:path")."""
-    scheme, colon, after = target.partition(":")
-    rest = target
-    if scheme in ("dns", "ipv4", "ipv6") and colon:
-        rest = after
-        if rest.startswith("//"):  # dns://authority/host:port
-            rest = rest[2:].partition("/")[2]
-        rest = rest.split(",")[0]  # ipv4:a:port,b:port: the first
-    elif scheme in ("unix", "unix-abstract", "vsock") or "://" in target:
-        return None
-    if rest.startswith("["):
-        end = rest.find("]")
-        host = rest[1:end] if end > 0 else ""
-    elif rest.count(":") <= 1:
-        host = rest.partition(":")[0]
-    else:  # a bare IPv6 address, no port
-        host = rest
-    return host or None
-
-
-def chunk_ranges(indices: Sequence[int], chunk_bytes: int, total: int) -> list[tuple[int, int]]:
-    """Byte ranges [start, stop) covering the chunks `indices` (sorted), adjacent ones merged."""
-    ranges: list[tuple[int, int]] = []
-    for index in sorted(indices):
-        start, stop = index * chunk_bytes, min((index + 1) * chunk_bytes, total)
-        if ranges and ranges[-1][1] == start:
-            ranges[-1] = (ranges[-1][0], stop)
-        else:
-            ranges.append((start, stop))
-    return ranges
 
 
 class BulkReceiver:
@@ -109,14 +60,14 @@ class BulkReceiver:
         buffer: memoryview,
         checker: ThreadPoolExecutor,
         *,
-        max_attempts: int = 3,
-        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-        io_timeout_s: float = DEFAULT_IO_TIMEOUT_S,
+        max_attempts: int,
+        connect_timeout_s: float,
+        io_timeout_s: float,
     ) -> None:
         self.address = address
         self.version = version
         self.total = len(buffer)
-        self._id = replica_id.encode()[:MAX_ID_BYTES]
+        self._id = replica_id.encode()[: bulk.MAX_ID_BYTES]
         self._view = buffer
         self._checker = checker
         self.max_attempts = max(1, max_attempts)
@@ -133,7 +84,7 @@ class BulkReceiver:
 
     def set_layout(self, chunk_bytes: int, chunk_crc32: Sequence[int]) -> None:
         """The chunk size and every chunk's CRC-32; BulkError if they do not fit the buffer."""
-        count = max(1, -(-self.total // chunk_bytes)) if chunk_bytes > 0 else -1
+        count = chunk_count(self.total, chunk_bytes) if chunk_bytes > 0 else -1
         if len(chunk_crc32) != count:
             raise BulkError(
                 "protocol",
@@ -165,7 +116,7 @@ class BulkReceiver:
                         f"{attempt} passes",
                     )
                 self.retried_chunks += len(bad)
-                bad = self._receive(chunk_ranges(bad, self.chunk_bytes, self.total))
+                bad = self._receive(bulk.chunk_ranges(bad, self.chunk_bytes, self.total))
                 attempt += 1
         except OSError as error:
             if self._aborted:
@@ -199,38 +150,38 @@ class BulkReceiver:
         """Ask for `ranges` (each starting on a chunk boundary), one request at a time; check
         each chunk as soon as it has arrived (and the layout is known). Returns the chunks
         whose CRC-32 fails."""
-        assert self._sock is not None
-        sock, view = self._sock, self._view
         checks: list[tuple[int, Future[bool]]] = []
         try:
             for start, stop in ranges:
-                sock.sendall(
-                    REQUEST.pack(MAGIC, PROTOCOL, len(self._id), self.version, start, stop - start) + self._id
-                )
-                self._read_reply_header(sock, stop - start)
-                pos = start
-                index = -1  # the next chunk of this range to check; -1 until the layout is known
-                while pos < stop:
-                    n = sock.recv_into(view[pos:stop], min(stop - pos, RECV_BYTES))
-                    if not n:
-                        raise BulkError(
-                            "io", f"{self._where()} closed the connection in the middle of a reply"
-                        )
-                    pos += n
-                    self.received_bytes += n
-                    if index < 0 and self._layout.is_set():
-                        index = start // self.chunk_bytes
-                    if index >= 0:
-                        index = self._check_arrived(checks, index, stop, pos)
-                if index < 0:  # every byte came before DescribeVersion answered
-                    if not self._layout.wait(self.io_timeout_s) or self._aborted:
-                        raise BulkError("io", "aborted before the layout came")
-                    index = start // self.chunk_bytes
-                self._check_arrived(checks, index, stop, stop)
+                self._receive_range(checks, start, stop)
             bad = [index for index, check in checks if not check.result()]
         finally:
             wait([check for _, check in checks])  # nothing reads the buffer after we return
         return bad
+
+    def _receive_range(self, checks: list[tuple[int, Future[bool]]], start: int, stop: int) -> None:
+        """One request and its reply, straight into the buffer; the checks go to `checks`."""
+        assert self._sock is not None
+        sock, view = self._sock, self._view
+        sock.sendall(bulk.pack_request(self.version, start, stop - start, self._id))
+        self._read_reply_header(sock, stop - start)
+        pos = start
+        index = -1  # the next chunk of this range to check; -1 until the layout is known
+        while pos < stop:
+            n = sock.recv_into(view[pos:stop], min(stop - pos, RECV_BYTES))
+            if not n:
+                raise BulkError("io", f"{self._where()} closed the connection in the middle of a reply")
+            pos += n
+            self.received_bytes += n
+            if index < 0 and self._layout.is_set():
+                index = start // self.chunk_bytes
+            if index >= 0:
+                index = self._check_arrived(checks, index, stop, pos)
+        if index < 0:  # every byte came before DescribeVersion answered
+            if not self._layout.wait(self.io_timeout_s) or self._aborted:
+                raise BulkError("io", "aborted before the layout came")
+            index = start // self.chunk_bytes
+        self._check_arrived(checks, index, stop, stop)
 
     def _check_arrived(self, checks: list[tuple[int, Future[bool]]], index: int, stop: int, pos: int) -> int:
         """Submit the checks of chunks index, index + 1, ... of a range ending at `stop` that
@@ -248,26 +199,46 @@ class BulkReceiver:
         return crc32(self._view[start:stop]) == self._crc32[index]
 
     def _read_reply_header(self, sock: socket.socket, expected: int) -> None:
-        magic, status, _, length = REPLY.unpack(_recv_exact(sock, REPLY.size))
-        if magic != MAGIC:
+        reply = bulk.unpack_reply(_recv_exact(sock, bulk.REPLY.size))
+        if reply.magic != bulk.MAGIC:
             raise BulkError(
-                "protocol", f"{self._where()} is not a bulk weight server (reply magic {magic!r})"
+                "protocol", f"{self._where()} is not a bulk weight server (reply magic {reply.magic!r})"
             )
-        if status == OK:
-            if length != expected:
-                raise BulkError("protocol", f"asked for {expected} bytes, the reply announces {length}")
+        if reply.status == BulkStatus.OK:
+            if reply.length != expected:
+                raise BulkError("protocol", f"asked for {expected} bytes, the reply announces {reply.length}")
             return
-        message = _recv_exact(sock, min(length, MAX_MESSAGE_BYTES)).decode(errors="replace")
-        raise BulkError(STATUS_REASONS.get(status, "protocol"), f"bulk server {self._where()}: {message}")
+        message = _recv_exact(sock, min(reply.length, bulk.MAX_MESSAGE_BYTES)).decode(errors="replace")
+        reason = STATUS_REASONS.get(reply.status, "protocol")
+        raise BulkError(reason, f"bulk server {self._where()}: {message}")
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    got = 0
-    while got < size:
-        n = sock.recv_into(view[got:])
-        if not n:
-            raise BulkError("io", "the bulk server closed the connection in the middle of a reply")
-        got += n
-    return bytes(buffer)
+    try:
+        data = bulk.recv_exact(sock, size)
+    except ConnectionError as error:
+        raise BulkError("io", "the bulk server closed the connection in the middle of a reply") from error
+    assert data is not None
+    return data
+
+
+def target_host(target: str) -> str | None:
+    """The host part of a gRPC target ("host:port", "dns:///host:port", "ipv4:a.b.c.d:port",
+    "[::1]:port", "host"); None for targets without one (e.g. "unix:path")."""
+    scheme, colon, after = target.partition(":")
+    rest = target
+    if scheme in ("dns", "ipv4", "ipv6") and colon:
+        rest = after
+        if rest.startswith("//"):  # dns://authority/host:port
+            rest = rest[2:].partition("/")[2]
+        rest = rest.split(",")[0]  # ipv4:a:port,b:port: the first
+    elif scheme in ("unix", "unix-abstract", "vsock") or "://" in target:
+        return None
+    if rest.startswith("["):
+        end = rest.find("]")
+        host = rest[1:end] if end > 0 else ""
+    elif rest.count(":") <= 1:
+        host = rest.partition(":")[0]
+    else:  # a bare IPv6 address, no port
+        host = rest
+    return host or None

@@ -1,0 +1,144 @@
+"""The bulk data plane's framing, written once for the learner's server and the replica's
+receiver. The protocol itself is described in the file comment of
+protos/puremesh/weights/v1/weights.proto ("Bulk data plane"); this module holds its constants,
+the request and reply structs, the reply status codes, and the CRC-32 that checks every chunk.
+
+`crc32` is ISA-L's (the same values as zlib.crc32, about five times faster), zlib's where the
+isal wheel is missing: the one CRC-32 import of the tree.
+
+Pure: the standard library (+ isal), plain values in and out (docs/LAYOUT.md); `recv_exact`
+reads from a socket the caller owns.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import struct
+from collections.abc import Sequence
+from typing import NamedTuple
+
+try:
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - a platform without the isal wheel
+    from zlib import crc32
+
+__all__ = [
+    "MAGIC",
+    "MAX_ID_BYTES",
+    "MAX_MESSAGE_BYTES",
+    "PROTOCOL",
+    "REPLY",
+    "REQUEST",
+    "BulkStatus",
+    "Reply",
+    "Request",
+    "chunk_ranges",
+    "crc32",
+    "pack_error",
+    "pack_reply",
+    "pack_request",
+    "recv_exact",
+    "unpack_reply",
+    "unpack_request",
+]
+
+MAGIC = b"PMWB"
+PROTOCOL = 1
+REQUEST = struct.Struct("<4sHHQQQ")  # magic, protocol, id_length, version, offset, length
+REPLY = struct.Struct("<4sHHQ")  # magic, status, reserved, length
+MAX_ID_BYTES = 1024
+MAX_MESSAGE_BYTES = 64 << 10  # the longest error message a receiver reads from a reply
+
+
+class BulkStatus(enum.IntEnum):
+    """The reply status codes (weights.proto, "Bulk data plane")."""
+
+    OK = 0
+    NOT_FOUND = 1  # the version is not retained
+    OUT_OF_RANGE = 2  # offset + length is past the version's total_bytes
+    BAD_REQUEST = 3  # wrong magic, protocol or replica id; the server then closes
+    UNAVAILABLE = 4  # shutting down or too many connections; the server then closes
+
+    @property
+    def label(self) -> str:
+        """The metric label: "ok", "not_found", ..."""
+        return self.name.lower()
+
+
+class Request(NamedTuple):
+    """A request header (the replica id follows it on the wire, id_length bytes)."""
+
+    magic: bytes
+    protocol: int
+    id_length: int
+    version: int
+    offset: int
+    length: int
+
+    @property
+    def well_formed(self) -> bool:
+        return self.magic == MAGIC and self.protocol == PROTOCOL and self.id_length <= MAX_ID_BYTES
+
+
+class Reply(NamedTuple):
+    """A reply header: `length` bytes follow (the data, or an error message)."""
+
+    magic: bytes
+    status: int
+    length: int
+
+
+def pack_request(version: int, offset: int, length: int, replica_id: bytes) -> bytes:
+    """A whole request: the header and the replica id (at most MAX_ID_BYTES)."""
+    if len(replica_id) > MAX_ID_BYTES:
+        raise ValueError(f"a replica id of {len(replica_id)} bytes; at most {MAX_ID_BYTES}")
+    return REQUEST.pack(MAGIC, PROTOCOL, len(replica_id), version, offset, length) + replica_id
+
+
+def unpack_request(head: bytes) -> Request:
+    return Request(*REQUEST.unpack(head))
+
+
+def pack_reply(status: BulkStatus, length: int) -> bytes:
+    """The reply header of a reply carrying `length` bytes."""
+    return REPLY.pack(MAGIC, status, 0, length)
+
+
+def pack_error(status: BulkStatus, message: str) -> bytes:
+    """A whole error reply: the header and the UTF-8 message."""
+    text = message.encode()
+    return pack_reply(status, len(text)) + text
+
+
+def unpack_reply(head: bytes) -> Reply:
+    magic, status, _, length = REPLY.unpack(head)
+    return Reply(magic, status, length)
+
+
+def chunk_ranges(indices: Sequence[int], chunk_bytes: int, total: int) -> list[tuple[int, int]]:
+    """Byte ranges [start, stop) covering the chunks `indices`, adjacent ones merged."""
+    ranges: list[tuple[int, int]] = []
+    for index in sorted(indices):
+        start, stop = index * chunk_bytes, min((index + 1) * chunk_bytes, total)
+        if ranges and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], stop)
+        else:
+            ranges.append((start, stop))
+    return ranges
+
+
+def recv_exact(conn: socket.socket, size: int, eof_ok: bool = False) -> bytes | None:
+    """Exactly `size` bytes from `conn`; None on EOF before the first byte if `eof_ok`,
+    ConnectionError on any other EOF."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        n = conn.recv_into(view[got:])
+        if not n:
+            if eof_ok and not got:
+                return None
+            raise ConnectionError("the connection closed in the middle of a message")
+        got += n
+    return bytes(buffer)
