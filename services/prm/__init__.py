@@ -1,6 +1,6 @@
 """The PRM service: scores the reasoning steps of responses with a process reward model.
 
-layout.py   pure step splitting and the PRM input layout (stdlib only; pure-algorithm.md 1-2)
+step splitting and the PRM input layout are the contract's (contract/steps.py, pure)
 scorer.py   the adapter that holds the PRM weights (transformers) and runs forward passes
 batcher.py  dynamic batching: coalesces concurrent requests into few forward passes
 """

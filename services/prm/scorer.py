@@ -5,7 +5,7 @@ tokenizer from a local directory and runs forward passes. Scores are read at giv
 
     r = softmax(z)_1 - softmax(z)_0 = tanh((z1 - z0) / 2)                 (pure-algorithm.md 2)
 
-Input layout and step splitting live in layout.py (pure); dynamic batching in batcher.py.
+Input layout and step splitting live in contract/steps.py (pure); dynamic batching in batcher.py.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class PrmScorer:
     def prepare(
         self, prompt_ids: Sequence[int], response_ids: Sequence[int]
     ) -> tuple[list[layout.Span], list[int], list[int]]:
-        """(spans, input_ids, readout_positions) of one (prompt, response) pair; see layout.py.
+        """(spans, input_ids, readout_positions) of one (prompt, response) pair; see contract/steps.py.
 
         An empty response gives ([], prompt, []): nothing to score.
         """

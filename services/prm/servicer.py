@@ -1,5 +1,5 @@
-"""PrmService: protobuf in, step scores out. Splitting and layout live in layout.py, the model in
-scorer.py, request coalescing in batcher.py."""
+"""PrmService: protobuf in, step scores out. Splitting and layout live in contract/steps.py, the
+model in scorer.py, request coalescing in batcher.py."""
 
 from __future__ import annotations
 
