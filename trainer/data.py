@@ -26,7 +26,7 @@ __all__ = [
     "reasoning_gym_problems",
 ]
 
-# The tiny policy is fine-tuned on exactly this template (cli/tinyworld.py), so prompts built
+# The tiny policy is fine-tuned on exactly this template (tinyworld/task.py), so prompts built
 # any other way are out of its distribution. It ends in one "\n": the response starts a new line
 # and its first step is not glued to the question.
 PROMPT_TEMPLATE = (
