@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from puremesh.contract import bulk
 from puremesh.contract.bulk import BulkStatus, crc32
-from puremesh.contract.weights import chunk_count
+from puremesh.contract.weights import chunk_count, chunk_range
 
 RECV_BYTES = 4 << 20  # the most bytes asked of one recv_into
 # BulkError.reason per reply status; any other is "protocol"
@@ -194,8 +194,7 @@ class BulkReceiver:
         return index
 
     def _check(self, index: int) -> bool:
-        start = index * self.chunk_bytes
-        stop = min(start + self.chunk_bytes, self.total)
+        start, stop = chunk_range(index, self.chunk_bytes, self.total)
         return crc32(self._view[start:stop]) == self._crc32[index]
 
     def _read_reply_header(self, sock: socket.socket, expected: int) -> None:
