@@ -31,7 +31,12 @@ EXPECTED_SERVICES = {
     "verify": ("puremesh.verify.v1.VerifyService", {"Verify": (False, False)}),
     "weights": (
         "puremesh.weights.v1.WeightService",
-        {"WatchVersions": (False, True), "FetchWeights": (False, True), "DescribeVersion": (False, False)},
+        {
+            "WatchVersions": (False, True),
+            "FetchWeights": (False, True),
+            "DescribeVersion": (False, False),
+            "ConfirmVersion": (False, False),
+        },
     ),
 }
 

@@ -25,25 +25,25 @@ _sym_db = _symbol_database.Default()
 from puremesh.common.v1 import common_pb2 as puremesh_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!puremesh/rollout/v1/rollout.proto\x12\x13puremesh.rollout.v1\x1a\x1fpuremesh/common/v1/common.proto\"\xd3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\x0bprompt_text\x18\x02 \x01(\tH\x00\x12\x38\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x1c.puremesh.common.v1.TokenIdsH\x00\x12\x35\n\x08sampling\x18\x04 \x01(\x0b\x32#.puremesh.rollout.v1.SamplingParams\x12\x1a\n\x12min_policy_version\x18\x05 \x01(\x04\x42\x08\n\x06prompt\"\x81\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x07\n\x05_seed\"\xc9\x01\n\x10GenerateResponse\x12\x14\n\x0csample_index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x38\n\rfinish_reason\x18\x04 \x01(\x0e\x32!.puremesh.rollout.v1.FinishReason\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x04\x12\x1a\n\x12prompt_token_count\x18\x06 \x01(\r\x12\x0c\n\x04text\x18\x07 \x01(\t\"\x12\n\x10GetStatusRequest\"\x89\x01\n\x11GetStatusResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x1a\n\x12requests_in_flight\x18\x05 \x01(\r\x12\x12\n\nreplica_id\x18\x06 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xc7\x01\n\x0eRolloutService\x12Y\n\x08Generate\x12$.puremesh.rollout.v1.GenerateRequest\x1a%.puremesh.rollout.v1.GenerateResponse0\x01\x12Z\n\tGetStatus\x12%.puremesh.rollout.v1.GetStatusRequest\x1a&.puremesh.rollout.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!puremesh/rollout/v1/rollout.proto\x12\x13puremesh.rollout.v1\x1a\x1fpuremesh/common/v1/common.proto\"\xe3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\x0bprompt_text\x18\x02 \x01(\tH\x00\x12\x38\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x1c.puremesh.common.v1.TokenIdsH\x00\x12\x35\n\x08sampling\x18\x04 \x01(\x0b\x32#.puremesh.rollout.v1.SamplingParams\x12\x1a\n\x12min_policy_version\x18\x05 \x01(\x04\x12\x0e\n\x06run_id\x18\x06 \x01(\tB\x08\n\x06prompt\"\x81\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x07\n\x05_seed\"\xd9\x01\n\x10GenerateResponse\x12\x14\n\x0csample_index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x38\n\rfinish_reason\x18\x04 \x01(\x0e\x32!.puremesh.rollout.v1.FinishReason\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x04\x12\x1a\n\x12prompt_token_count\x18\x06 \x01(\r\x12\x0c\n\x04text\x18\x07 \x01(\t\x12\x0e\n\x06run_id\x18\x08 \x01(\t\"\x12\n\x10GetStatusRequest\"\x99\x01\n\x11GetStatusResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x1a\n\x12requests_in_flight\x18\x05 \x01(\r\x12\x12\n\nreplica_id\x18\x06 \x01(\t\x12\x0e\n\x06run_id\x18\x07 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xc7\x01\n\x0eRolloutService\x12Y\n\x08Generate\x12$.puremesh.rollout.v1.GenerateRequest\x1a%.puremesh.rollout.v1.GenerateResponse0\x01\x12Z\n\tGetStatus\x12%.puremesh.rollout.v1.GetStatusRequest\x1a&.puremesh.rollout.v1.GetStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'puremesh.rollout.v1.rollout_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=801
-  _globals['_FINISHREASON']._serialized_end=921
+  _globals['_FINISHREASON']._serialized_start=849
+  _globals['_FINISHREASON']._serialized_end=969
   _globals['_GENERATEREQUEST']._serialized_start=92
-  _globals['_GENERATEREQUEST']._serialized_end=303
-  _globals['_SAMPLINGPARAMS']._serialized_start=306
-  _globals['_SAMPLINGPARAMS']._serialized_end=435
-  _globals['_GENERATERESPONSE']._serialized_start=438
-  _globals['_GENERATERESPONSE']._serialized_end=639
-  _globals['_GETSTATUSREQUEST']._serialized_start=641
-  _globals['_GETSTATUSREQUEST']._serialized_end=659
-  _globals['_GETSTATUSRESPONSE']._serialized_start=662
-  _globals['_GETSTATUSRESPONSE']._serialized_end=799
-  _globals['_ROLLOUTSERVICE']._serialized_start=924
-  _globals['_ROLLOUTSERVICE']._serialized_end=1123
+  _globals['_GENERATEREQUEST']._serialized_end=319
+  _globals['_SAMPLINGPARAMS']._serialized_start=322
+  _globals['_SAMPLINGPARAMS']._serialized_end=451
+  _globals['_GENERATERESPONSE']._serialized_start=454
+  _globals['_GENERATERESPONSE']._serialized_end=671
+  _globals['_GETSTATUSREQUEST']._serialized_start=673
+  _globals['_GETSTATUSREQUEST']._serialized_end=691
+  _globals['_GETSTATUSRESPONSE']._serialized_start=694
+  _globals['_GETSTATUSRESPONSE']._serialized_end=847
+  _globals['_ROLLOUTSERVICE']._serialized_start=972
+  _globals['_ROLLOUTSERVICE']._serialized_end=1171
 # @@protoc_insertion_point(module_scope)

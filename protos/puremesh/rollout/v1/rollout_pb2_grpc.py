@@ -66,8 +66,9 @@ class RolloutServiceServicer:
         max_new_tokens longer than the model context, or sampling parameters
         out of range (n = 0, temperature < 0, top_p outside [0, 1],
         max_new_tokens = 0, n above the server limit).
-        ABORTED             the replica's policy version is older than min_policy_version (stale
-        weights); retry later or on another replica.
+        ABORTED             the replica's policy version is older than min_policy_version, or it
+        holds another learner run's weights than run_id (stale weights);
+        retry later or on another replica.
         UNAVAILABLE         the replica is not ready (loading weights or the model) or draining.
         RESOURCE_EXHAUSTED  too many requests in flight on this replica.
         DEADLINE_EXCEEDED   the client deadline passed before all samples finished.

@@ -19,15 +19,17 @@ TRANSPORT_NCCL: Transport
 TRANSPORT_TCP_BULK: Transport
 
 class WatchVersionsRequest(_message.Message):
-    __slots__ = ("replica_id", "current_version")
+    __slots__ = ("replica_id", "current_version", "run_id")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     current_version: int
-    def __init__(self, replica_id: _Optional[str] = ..., current_version: _Optional[int] = ...) -> None: ...
+    run_id: str
+    def __init__(self, replica_id: _Optional[str] = ..., current_version: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class VersionAnnouncement(_message.Message):
-    __slots__ = ("version", "total_bytes", "total_chunks", "num_tensors", "sha256", "transport", "bulk_port", "bulk_host")
+    __slots__ = ("version", "total_bytes", "total_chunks", "num_tensors", "sha256", "transport", "bulk_port", "bulk_host", "run_id")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +38,7 @@ class VersionAnnouncement(_message.Message):
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     BULK_PORT_FIELD_NUMBER: _ClassVar[int]
     BULK_HOST_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     version: int
     total_bytes: int
     total_chunks: int
@@ -44,7 +47,8 @@ class VersionAnnouncement(_message.Message):
     transport: Transport
     bulk_port: int
     bulk_host: str
-    def __init__(self, version: _Optional[int] = ..., total_bytes: _Optional[int] = ..., total_chunks: _Optional[int] = ..., num_tensors: _Optional[int] = ..., sha256: _Optional[str] = ..., transport: _Optional[_Union[Transport, str]] = ..., bulk_port: _Optional[int] = ..., bulk_host: _Optional[str] = ...) -> None: ...
+    run_id: str
+    def __init__(self, version: _Optional[int] = ..., total_bytes: _Optional[int] = ..., total_chunks: _Optional[int] = ..., num_tensors: _Optional[int] = ..., sha256: _Optional[str] = ..., transport: _Optional[_Union[Transport, str]] = ..., bulk_port: _Optional[int] = ..., bulk_host: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class FetchWeightsRequest(_message.Message):
     __slots__ = ("version", "replica_id", "chunk_indices", "max_chunk_bytes")
@@ -99,17 +103,37 @@ class DescribeVersionRequest(_message.Message):
     def __init__(self, version: _Optional[int] = ..., replica_id: _Optional[str] = ...) -> None: ...
 
 class VersionLayout(_message.Message):
-    __slots__ = ("version", "total_bytes", "sha256", "manifest", "crc32_chunk_bytes", "chunk_crc32")
+    __slots__ = ("version", "total_bytes", "sha256", "manifest", "crc32_chunk_bytes", "chunk_crc32", "run_id")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     CRC32_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_CRC32_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     version: int
     total_bytes: int
     sha256: str
     manifest: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     crc32_chunk_bytes: int
     chunk_crc32: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, version: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., crc32_chunk_bytes: _Optional[int] = ..., chunk_crc32: _Optional[_Iterable[int]] = ...) -> None: ...
+    run_id: str
+    def __init__(self, version: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., crc32_chunk_bytes: _Optional[int] = ..., chunk_crc32: _Optional[_Iterable[int]] = ..., run_id: _Optional[str] = ...) -> None: ...
+
+class ConfirmVersionRequest(_message.Message):
+    __slots__ = ("replica_id", "run_id", "version", "sha256")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    run_id: str
+    version: int
+    sha256: str
+    def __init__(self, replica_id: _Optional[str] = ..., run_id: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class ConfirmVersionResponse(_message.Message):
+    __slots__ = ("current_version",)
+    CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    current_version: int
+    def __init__(self, current_version: _Optional[int] = ...) -> None: ...

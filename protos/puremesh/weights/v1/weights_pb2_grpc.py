@@ -50,6 +50,11 @@ class WeightServiceStub:
                 request_serializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.DescribeVersionRequest.SerializeToString,
                 response_deserializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.VersionLayout.FromString,
                 _registered_method=True)
+        self.ConfirmVersion = channel.unary_unary(
+                '/puremesh.weights.v1.WeightService/ConfirmVersion',
+                request_serializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.ConfirmVersionRequest.SerializeToString,
+                response_deserializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.ConfirmVersionResponse.FromString,
+                _registered_method=True)
 
 
 class WeightServiceServicer:
@@ -58,7 +63,8 @@ class WeightServiceServicer:
 
     def WatchVersions(self, request, context):
         """Subscribes to new policy versions. If the server's current version is newer than
-        current_version, it is announced at once; after that, each newly published version is
+        current_version, or the replica holds another run's version (run_id differs), it is
+        announced at once; after that, each newly published version is
         announced, in increasing order. When several versions are published while the client is
         behind, only the latest is announced: only the newest version matters. The stream stays
         open until the client cancels or the server shuts down; the client then reconnects with
@@ -68,7 +74,8 @@ class WeightServiceServicer:
 
         Status codes:
         CANCELLED           the client cancelled the stream (the normal end).
-        INVALID_ARGUMENT    replica_id is empty.
+        INVALID_ARGUMENT    replica_id is empty, or current_version is above 2^53 (versions are
+        integers in [0, 2^53], exact in float64 metrics and JSON).
         UNAVAILABLE         the learner is not ready yet (still loading the initial weights), or
         it is shutting down (the stream ends with this code); reconnect
         with backoff.
@@ -119,6 +126,27 @@ class WeightServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConfirmVersion(self, request, context):
+        """Confirms that the replica verified version `version` of run `run_id` (its SHA-256 matched)
+        and swapped it in. The learner then counts the replica as holding it, if the version was
+        transferred to this replica id in full and the id subscribed with WatchVersions; the
+        training loop waits for these confirmations after a publish.
+
+        Idempotent: yes; confirming the same version again changes nothing.
+
+        Status codes:
+        OK                  the replica now counts as holding the version.
+        INVALID_ARGUMENT    replica_id is empty; run_id or sha256 is not the version's; or no
+        complete transfer of the version to this replica id was seen since it
+        subscribed.
+        NOT_FOUND           the version is not retained (too old, or never published).
+        UNAVAILABLE         the learner is not ready, or it is shutting down.
+        DEADLINE_EXCEEDED   the client deadline passed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WeightServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -136,6 +164,11 @@ def add_WeightServiceServicer_to_server(servicer, server):
                     servicer.DescribeVersion,
                     request_deserializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.DescribeVersionRequest.FromString,
                     response_serializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.VersionLayout.SerializeToString,
+            ),
+            'ConfirmVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmVersion,
+                    request_deserializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.ConfirmVersionRequest.FromString,
+                    response_serializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.ConfirmVersionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +253,33 @@ class WeightService:
             '/puremesh.weights.v1.WeightService/DescribeVersion',
             puremesh_dot_weights_dot_v1_dot_weights__pb2.DescribeVersionRequest.SerializeToString,
             puremesh_dot_weights_dot_v1_dot_weights__pb2.VersionLayout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/puremesh.weights.v1.WeightService/ConfirmVersion',
+            puremesh_dot_weights_dot_v1_dot_weights__pb2.ConfirmVersionRequest.SerializeToString,
+            puremesh_dot_weights_dot_v1_dot_weights__pb2.ConfirmVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,
