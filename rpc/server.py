@@ -11,12 +11,20 @@ checking, server reflection and a Prometheus endpoint. Its life:
 Every call to a hosted service passes one interceptor that applies readiness, draining and
 concurrency limits, maps domain errors to status codes through errors.STATUS_TABLE (anything
 unexpected becomes INTERNAL, never UNKNOWN) and records the RPC metrics.
+
+Admission before work (ServerSettings): gRPC takes at most `grpc_concurrency` calls and refuses
+request bodies over `max_request_bytes` unread (RESOURCE_EXHAUSTED); the interceptor decides
+whether a hosted service's call is admitted before its request is parsed (a refused call is
+never parsed), and leaves `health_reserve_rpcs` calls for health checks, which therefore
+answer under full load. Queue waits inside a service are bounded with `queue_budget`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import math
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -81,14 +89,15 @@ class ServiceHost:
 
     async def start(self, wait_ready: bool = True) -> None:
         """Bind and start serving; with wait_ready, also load the services before returning."""
-        limit = self.settings.max_message_bytes
+        settings = self.settings
         server = grpc.aio.server(
             interceptors=[_HostInterceptor(self)],
             options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", settings.max_request_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
+            maximum_concurrent_rpcs=settings.grpc_concurrency,
         )
         for service in self.services.values():
             service.add_to_server(service.servicer, server)
@@ -116,7 +125,8 @@ class ServiceHost:
     def start_metrics(self) -> None:
         """Serve /metrics on settings.metrics_port (unless None); start() does it."""
         if self.settings.metrics_port is not None and self._metrics is None:
-            self._metrics = metrics.start_metrics_endpoint(self.settings.host, self.settings.metrics_port)
+            host = self.settings.metrics_host or self.settings.host
+            self._metrics = metrics.start_metrics_endpoint(host, self.settings.metrics_port)
             self.metrics_port = self._metrics.port
 
     def handler(self, full_name: str, method: str, inner: Callable[..., Any], stream: bool = False):
@@ -205,7 +215,7 @@ class _HostInterceptor(grpc.aio.ServerInterceptor):
         service = self.host.services.get(service_name)
         if handler is None or service is None:
             return handler
-        deserializer = _tolerant(handler.request_deserializer)
+        deserializer = _admitting(self, service, method, handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(service, method, handler.unary_unary),
@@ -220,19 +230,26 @@ class _HostInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler
 
-    async def _admit(self, service: ServiceDefinition, method: str, request) -> None:
+    def refusal(self, service: ServiceDefinition, method: str) -> _Refused | None:
+        """Why a call to `method` would be refused now (draining, loading, overload), or None."""
         host = self.host
-        if isinstance(request, _Malformed):
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
         if host.draining:
-            raise _Refused(grpc.StatusCode.UNAVAILABLE, f"{service.name} is shutting down")
+            return _Refused(grpc.StatusCode.UNAVAILABLE, f"{service.name} is shutting down")
         if not host.ready and method not in service.always_available:
-            raise _Refused(grpc.StatusCode.UNAVAILABLE, f"{service.name} is not ready (loading)")
+            return _Refused(grpc.StatusCode.UNAVAILABLE, f"{service.name} is not ready (loading)")
         if host.in_flight >= host.settings.max_concurrent_rpcs:
-            raise _Refused(
+            return _Refused(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{service.name} is overloaded ({host.in_flight} calls in flight)",
             )
+        return None
+
+    async def _admit(self, service: ServiceDefinition, method: str, request) -> None:
+        if isinstance(request, _Refused):  # decided before parsing (see _admitting)
+            raise request
+        refused = self.refusal(service, method)
+        if refused is not None:
+            raise refused
 
     def _wrap_unary(self, service: ServiceDefinition, method: str, inner):
         async def behavior(request, context):
@@ -242,6 +259,11 @@ class _HostInterceptor(grpc.aio.ServerInterceptor):
         return behavior
 
     def _wrap_stream(self, service: ServiceDefinition, method: str, inner):
+        """A server stream: an async generator, or a coroutine that writes with context.write
+        (e.g. FetchWeights, which bounds each write by a deadline)."""
+        if inspect.iscoroutinefunction(inner):
+            return self._wrap_unary(service, method, inner)
+
         async def behavior(request, context) -> AsyncIterator[Any]:
             async with _CallScope(self, service, method, context, request):
                 async for message in inner(request, context):
@@ -250,31 +272,42 @@ class _HostInterceptor(grpc.aio.ServerInterceptor):
         return behavior
 
 
-class _Malformed:
-    """Stands in for a request that could not be parsed (e.g. a string field holding invalid
-    UTF-8), so that the call ends INVALID_ARGUMENT instead of grpc's generic failure."""
+class _Refused(Exception):
+    """A call refused by admission; also stands in for its request when it was refused before
+    parsing, or when the request could not be parsed (e.g. a string field holding invalid
+    UTF-8: INVALID_ARGUMENT instead of grpc's generic failure)."""
 
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
-def _tolerant(deserializer):
+def _admitting(interceptor: _HostInterceptor, service: ServiceDefinition, method: str, deserializer):
+    """`deserializer` behind admission: a call that would be refused is not parsed."""
     if deserializer is None:
         return None
 
     def parse(data: bytes):
+        refused = interceptor.refusal(service, method)
+        if refused is not None:
+            return refused
         try:
             return deserializer(data)
         except Exception as error:
-            return _Malformed(f"{type(error).__name__}: {error}")
+            return _Refused(
+                grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {type(error).__name__}: {error}"
+            )
 
     return parse
 
 
-class _Refused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
+def queue_budget(context, cap_s: float) -> float:
+    """Seconds a call may wait in a queue: what its deadline leaves (`context.time_remaining()`),
+    at most `cap_s` (ServerSettings.max_queue_wait_seconds); 0 once the deadline passed."""
+    remaining = context.time_remaining() if context is not None else None
+    if remaining is None or not math.isfinite(remaining):
+        return cap_s
+    return max(0.0, min(cap_s, remaining))
 
 
 class _CallScope:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +28,59 @@ class FrozenSettings(BaseModel):
 
 
 class ServerSettings(FrozenSettings):
+    """One service host's server (rpc/server.py). Admission comes before work: gRPC takes at
+    most max_concurrent_rpcs + health_reserve_rpcs calls at once and refuses request bodies over
+    max_request_bytes before reading them; the hosted services' calls are counted before their
+    request is parsed. Request bodies in flight therefore stay within request_memory_bytes,
+    which must hold (max_concurrent_rpcs + health_reserve_rpcs) x max_request_bytes."""
+
     host: str = Field("127.0.0.1", description="address to bind the gRPC server to")
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    metrics_host: str = Field(
+        "",
+        description="address to bind /metrics to; empty = host. In a cluster, an address the "
+        "PodMonitor reaches (the chart sets 0.0.0.0)",
+    )
     metrics_port: int | None = Field(
         0, ge=0, le=65535, description="Prometheus HTTP port; 0 picks a free one, null disables"
     )
-    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="gRPC message size limit")
-    max_concurrent_rpcs: int = Field(512, ge=1, description="calls in flight before RESOURCE_EXHAUSTED")
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest message sent (replies)")
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="largest request body; larger ones are refused unread"
+    )
+    max_concurrent_rpcs: int = Field(256, ge=1, description="calls in flight before RESOURCE_EXHAUSTED")
+    health_reserve_rpcs: int = Field(
+        16, ge=1, description="calls gRPC takes beyond max_concurrent_rpcs, for health and reflection"
+    )
+    request_memory_bytes: int = Field(
+        1280 * 1024 * 1024,
+        ge=1024,
+        description="memory budget for request bodies in flight: must hold "
+        "(max_concurrent_rpcs + health_reserve_rpcs) x max_request_bytes",
+    )
+    max_queue_wait_seconds: float = Field(
+        30.0, gt=0, description="longest a call waits in a queue when its deadline allows more"
+    )
     drain_delay_seconds: float = Field(
         0.0, ge=0, description="after SIGTERM: NOT_SERVING this long before refusing calls"
     )
     drain_grace_seconds: float = Field(30.0, ge=0, description="after SIGTERM: time for in-flight calls")
+
+    @property
+    def grpc_concurrency(self) -> int:
+        """Calls gRPC itself takes at once (the hosted services get max_concurrent_rpcs)."""
+        return self.max_concurrent_rpcs + self.health_reserve_rpcs
+
+    @model_validator(mode="after")
+    def _within_budget(self) -> ServerSettings:
+        needed = self.grpc_concurrency * self.max_request_bytes
+        if needed > self.request_memory_bytes:
+            raise ValueError(
+                f"(max_concurrent_rpcs + health_reserve_rpcs) x max_request_bytes = {needed} bytes "
+                f"exceeds request_memory_bytes ({self.request_memory_bytes}); lower one of them or "
+                "raise the budget"
+            )
+        return self
 
 
 class SettingsError(Exception):

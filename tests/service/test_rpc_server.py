@@ -114,7 +114,7 @@ async def test_unexpected_exception_is_internal_never_unknown():
 
 
 async def test_malformed_utf8_is_invalid_argument_and_oversized_is_resource_exhausted():
-    host, loader = await start_host(ScriptedVerify(), max_message_bytes=4096)
+    host, loader = await start_host(ScriptedVerify(), max_request_bytes=4096)
     await loader
     async with open_channel(host.target) as channel:
         raw = channel.unary_unary(f"/{FULL_NAME}/Verify")  # bytes in, bytes out
