@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -128,13 +129,21 @@ def chunk_ranges(indices: Sequence[int], chunk_bytes: int, total: int) -> list[t
     return ranges
 
 
-def recv_exact(conn: socket.socket, size: int, eof_ok: bool = False) -> bytes | None:
+def recv_exact(
+    conn: socket.socket, size: int, eof_ok: bool = False, deadline: float | None = None
+) -> bytes | None:
     """Exactly `size` bytes from `conn`; None on EOF before the first byte if `eof_ok`,
-    ConnectionError on any other EOF."""
+    ConnectionError on any other EOF. With a `deadline` (time.monotonic()), TimeoutError once it
+    passes, however the bytes trickle in (the socket's timeout is set to what is left)."""
     buffer = bytearray(size)
     view = memoryview(buffer)
     got = 0
     while got < size:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{got} of {size} bytes arrived before the deadline")
+            conn.settimeout(left)
         n = conn.recv_into(view[got:])
         if not n:
             if eof_ok and not got:

@@ -126,7 +126,8 @@ class Sample:
 
     token_ids: the generated tokens (eos included when generated); logprobs: one per token (see
     the module docstring); text: decode(token_ids), special tokens skipped; sample_index: which
-    of the request's n samples, in [0, n); prompt_token_count: the prompt's length in tokens.
+    of the request's n samples, in [0, n); prompt_token_count: the prompt's length in tokens;
+    run_id: the learner run of policy_version ("" = the weights from disk, version 0).
     """
 
     sample_index: int
@@ -136,3 +137,4 @@ class Sample:
     policy_version: int
     prompt_token_count: int
     text: str
+    run_id: str = ""

@@ -19,6 +19,10 @@ from typing import Protocol
 
 import torch
 
+# Policy versions are integers in [0, MAX_VERSION]: exact in float64, so metrics and JSON carry
+# them unchanged (weights.proto's uint64 fields could hold more; larger ones are refused).
+MAX_VERSION = 2**53
+
 # WeightChunk.data: field 5, wire type LEN (weights.proto)
 CHUNK_DATA_FIELD = 5
 _WIRE_LEN = 2

@@ -5,13 +5,17 @@ comment; its framing: contract/bulk.py).
 blocking `recv_into` straight into the preallocated buffer (no framing, no copy), and, as each
 CRC-32 chunk has fully arrived, a check of that chunk on a second thread (checking overlaps with
 receiving). Chunks that fail their CRC-32 are asked for again by byte range on the same
-connection, up to `max_attempts` passes. Any failure raises `BulkError` with a reason, and the
-bulk transport (tcp_bulk.py) falls back to FetchWeights.
+connection, up to `max_attempts` passes. The checker also folds the chunks of the first pass,
+in order, into the whole version's SHA-256 (`sha256()`, recomputed from the buffer only when a
+chunk had to be asked for again), which the bulk transport compares with the announced one.
+Any failure raises `BulkError` with a reason, and the bulk transport (tcp_bulk.py) falls back
+to FetchWeights.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import socket
 import threading
 from collections.abc import Sequence
@@ -33,7 +37,7 @@ class BulkError(Exception):
     (DescribeVersion failed), not_found (version no longer retained), unavailable (the learner
     refused: shutting down or busy), protocol (a reply or layout that breaks the contract),
     io (the connection broke or stalled), checksum (chunks still failing after the allowed
-    passes).
+    passes), sha256 (every chunk matched its CRC-32, the whole version not its SHA-256).
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -78,6 +82,9 @@ class BulkReceiver:
         self.chunk_bytes = 0
         self._crc32: list[int] = []
         self._layout = threading.Event()
+        self._hash = hashlib.sha256()
+        self._hashed = 0  # chunks [0, _hashed) are folded into _hash, in order
+        self._hash_intact = True  # False once a chunk failed: the hash is recomputed at the end
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._aborted = False
@@ -194,8 +201,23 @@ class BulkReceiver:
         return index
 
     def _check(self, index: int) -> bool:
+        """The checker thread (one, so chunks come in submission order)."""
         start, stop = chunk_range(index, self.chunk_bytes, self.total)
-        return crc32(self._view[start:stop]) == self._crc32[index]
+        ok = crc32(self._view[start:stop]) == self._crc32[index]
+        if self._hash_intact and index == self._hashed:
+            if ok:
+                self._hash.update(self._view[start:stop])
+                self._hashed += 1
+            else:
+                self._hash_intact = False
+        return ok
+
+    def sha256(self) -> str:
+        """The hex SHA-256 of the whole buffer, once `run()` returned (on a worker thread: it may
+        hash the whole buffer again)."""
+        if self._hash_intact and self._hashed == chunk_count(self.total, self.chunk_bytes):
+            return self._hash.hexdigest()
+        return hashlib.sha256(self._view).hexdigest()
 
     def _read_reply_header(self, sock: socket.socket, expected: int) -> None:
         reply = bulk.unpack_reply(_recv_exact(sock, bulk.REPLY.size))

@@ -2,26 +2,37 @@
 
 gRPC (servicer.py) stays the control plane: announcements, the manifest and the checksums. The
 bytes themselves go out here, with no framing per chunk and no copy, so that a replica receives
-a version about as fast as a raw socket copy of it. The protocol is described in the file
-comment of weights.proto; its framing is contract/bulk.py.
+a version about as fast as a raw socket copy of it. The protocol, with its limits, is described
+in the file comment of weights.proto; its framing is contract/bulk.py.
 
-`BulkServer` listens on one TCP port. A thread accepts connections; a thread per connection
-reads requests and answers each with a reply header and `socket.sendall` of a memoryview slice
-of the version's retained buffer (zero copy). It holds the version (`acquire` / `release` of
-its `VersionSource`, the store) while it sends, so that a publish cannot reuse the buffer
-mid-send. Bad requests get an error reply and the server goes on serving.
+`BulkServer` listens on one TCP port. A thread accepts connections; a thread per admitted
+connection reads requests and answers each with a reply header and `socket.sendall` of
+memoryview slices of the version's retained buffer (zero copy). Limits, none set by clients:
 
-The composition root (cli/learner.py) builds it beside the store and closes it: the listener
-and every open connection are shut down, so sends in flight stop at once.
+- at most `max_connections` connections, `max_connections_per_peer` per peer address; a refused
+  connection gets its UNAVAILABLE reply from the accepting thread (non-blocking), no thread;
+- a request header must arrive within `header_timeout_s` of its first byte, and a connection
+  idle for `idle_timeout_s` between requests is closed (trickled headers hold no slot long);
+- a reply must go out within `transfer_deadline(length)` (servicer.py: a grace plus a minimum
+  throughput), else the connection is closed (a slow reader holds no buffer long);
+- the version is held (`acquire` / `release` of its `VersionSource`, the store) only while a
+  reply is sent; a publish that revokes it (store.py) shuts the connection down at once.
+
+Bad requests get an error reply and the server goes on serving. A reply sent in full is noted
+with the store (`sent`), which counts complete transfers (replicas.py). The composition root
+(cli/learner.py) builds the server beside the store and closes it: the listener and every open
+connection are shut down, so sends in flight stop at once.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from prometheus_client import Counter
@@ -29,11 +40,14 @@ from prometheus_client import Counter
 from puremesh.contract import bulk
 from puremesh.contract.bulk import BulkStatus
 
+from .servicer import DEFAULT_MIN_BYTES_PER_SECOND, DEFAULT_TRANSFER_GRACE_S, transfer_deadline
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONNECTIONS = 64
-# A connection idle this long between requests, or a send stalled this long, is closed.
-DEFAULT_IO_TIMEOUT_S = 60.0
+DEFAULT_MAX_CONNECTIONS_PER_PEER = 4
+DEFAULT_HEADER_TIMEOUT_S = 5.0
+DEFAULT_IDLE_TIMEOUT_S = 60.0
 # Bytes per sendall: bounds how long close() waits for a send in flight to notice.
 SEND_SLICE_BYTES = 4 << 20
 ACCEPT_POLL_S = 0.5
@@ -46,12 +60,18 @@ BULK_REQUESTS = Counter(
     "Requests answered by the bulk data plane, by reply status",
     ["status"],  # BulkStatus labels: ok | not_found | out_of_range | bad_request | unavailable
 )
+BULK_CLOSED = Counter(
+    "puremesh_learner_weight_bulk_cut_connections_total",
+    "Bulk connections the learner cut, by reason",
+    ["reason"],  # refused | header_timeout | idle | slow_reader | revoked
+)
 
 
 class HeldVersion(Protocol):
-    """A version's bytes, intact while held."""
+    """A version's bytes, intact while held; `revoked` once a publish needs its buffer."""
 
     data: memoryview
+    revoked: bool
 
 
 class VersionSource(Protocol):
@@ -66,7 +86,9 @@ class VersionSource(Protocol):
 
     def release(self, held: HeldVersion) -> None: ...
 
-    def record_replica(self, replica_id: str, version: int | None = None, watching: int = 0) -> None: ...
+    def sent(self, replica_id: str, version: int, start: int, stop: int) -> None: ...
+
+    def on_revoke(self, listener: Callable[[HeldVersion], None]) -> None: ...
 
 
 class BulkServer:
@@ -84,17 +106,26 @@ class BulkServer:
         port: int = 0,
         *,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
-        io_timeout_s: float = DEFAULT_IO_TIMEOUT_S,
+        max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER,
+        header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        transfer_grace_s: float = DEFAULT_TRANSFER_GRACE_S,
+        min_bytes_per_second: float = DEFAULT_MIN_BYTES_PER_SECOND,
     ) -> None:
         self.source = source
         self.max_connections = max_connections
-        self.io_timeout_s = io_timeout_s
+        self.max_connections_per_peer = max_connections_per_peer
+        self.header_timeout_s, self.idle_timeout_s = header_timeout_s, idle_timeout_s
+        self.transfer_grace_s, self.min_bytes_per_second = transfer_grace_s, min_bytes_per_second
         self._listener = _listen(host, port)
         self.host = host
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._connections: dict[socket.socket, threading.Thread] = {}
+        self._peers: collections.Counter[str] = collections.Counter()
+        self._sending: dict[socket.socket, HeldVersion] = {}
         self._closed = False
+        source.on_revoke(self._revoked)
         self._acceptor = threading.Thread(
             target=self._accept_loop, name=f"weights-bulk-accept-{self.port}", daemon=True
         )
@@ -131,13 +162,22 @@ class BulkServer:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
 
+    def _revoked(self, stored: HeldVersion) -> None:
+        """The store revoked a version: cut the connections sending it (the store's thread)."""
+        with self._lock:
+            cut = [conn for conn, held in self._sending.items() if held is stored]
+        for conn in cut:
+            BULK_CLOSED.labels("revoked").inc()
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
     # ------------------------------------------------------------------ threads
 
     def _accept_loop(self) -> None:
         try:
             while not self._closed:
                 try:
-                    conn, _ = self._listener.accept()
+                    conn, address = self._listener.accept()
                 except TimeoutError:
                     continue
                 except OSError:
@@ -146,53 +186,79 @@ class BulkServer:
                     log.warning("weights bulk: accept failed", exc_info=True)
                     time.sleep(ACCEPT_POLL_S)  # e.g. out of file descriptors: do not spin
                     continue
-                self._admit(conn)
+                self._admit(conn, str(address[0]))
         finally:
             self._listener.close()
 
-    def _admit(self, conn: socket.socket) -> None:
-        conn.settimeout(self.io_timeout_s)
+    def _admit(self, conn: socket.socket, peer: str) -> None:
         with contextlib.suppress(OSError):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
-            refused = self._closed or len(self._connections) >= self.max_connections
-            if refused:
-                why = "shutting down" if self._closed else f"{self.max_connections} connections are open"
+            why = self._refusal(peer)
+            if why is None:
                 thread = threading.Thread(
-                    target=self._refuse, args=(conn, f"the learner's bulk server is {why}"), daemon=True
-                )
-            else:
-                thread = threading.Thread(
-                    target=self._serve, args=(conn,), name=f"weights-bulk-{self.port}", daemon=True
+                    target=self._serve, args=(conn, peer), name=f"weights-bulk-{self.port}", daemon=True
                 )
                 self._connections[conn] = thread
+                self._peers[peer] += 1
+        if why is not None:
+            BULK_CLOSED.labels("refused").inc()
+            _refuse(conn, f"the learner's bulk server is {why}")
+            return
         thread.start()
 
-    def _refuse(self, conn: socket.socket, message: str) -> None:
-        with contextlib.suppress(OSError):
-            _reply_error(conn, BulkStatus.UNAVAILABLE, message)
-            _close_gracefully(conn)
-        conn.close()
+    def _refusal(self, peer: str) -> str | None:
+        """Why a new connection from `peer` is refused, or None (called with the lock held)."""
+        if self._closed:
+            return "shutting down"
+        if len(self._connections) >= self.max_connections:
+            return f"busy: {self.max_connections} connections are open"
+        if self._peers[peer] >= self.max_connections_per_peer:
+            return f"busy: {self.max_connections_per_peer} connections are open from {peer}"
+        return None
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, peer: str) -> None:
         """One connection: answer requests in order until the client closes it, a request is
-        malformed, or the server closes."""
+        malformed or late, a reply is read too slowly, or the server closes."""
         try:
             while not self._closed:
-                head = bulk.recv_exact(conn, bulk.REQUEST.size, eof_ok=True)
-                if head is None:
+                request = self._read_request(conn)
+                if request is None:
                     return
-                request = bulk.unpack_request(head)
-                replica_id = _read_replica_id(conn, request)
-                if replica_id is None or not self._answer(conn, replica_id, request):
+                head, replica_id = request
+                if replica_id is None or not self._answer(conn, replica_id, head):
                     _close_gracefully(conn)
                     return
         except OSError:
-            return  # the client went away, stalled past io_timeout_s, or the server closed
+            return  # the client went away or stalled, or the server closed
         finally:
             with self._lock:
                 self._connections.pop(conn, None)
+                self._peers[peer] -= 1
+                if not self._peers[peer]:
+                    del self._peers[peer]
             conn.close()
+
+    def _read_request(self, conn: socket.socket) -> tuple[bulk.Request, str | None] | None:
+        """The next request and its replica id (None after a BAD_REQUEST reply); None when the
+        client closed the connection or it stayed idle for idle_timeout_s."""
+        conn.settimeout(self.idle_timeout_s)
+        try:
+            first = conn.recv(1)
+        except TimeoutError:
+            BULK_CLOSED.labels("idle").inc()
+            return None
+        if not first:
+            return None
+        deadline = time.monotonic() + self.header_timeout_s
+        try:
+            rest = bulk.recv_exact(conn, bulk.REQUEST.size - 1, deadline=deadline)
+            assert rest is not None
+            head = bulk.unpack_request(first + rest)
+            return head, _read_replica_id(conn, head, deadline)
+        except TimeoutError:
+            BULK_CLOSED.labels("header_timeout").inc()
+            return None
 
     def _answer(self, conn: socket.socket, replica_id: str, request: bulk.Request) -> bool:
         """Answer one well-formed request; False when the connection must close."""
@@ -213,28 +279,49 @@ class BulkServer:
                 )
                 _reply_error(conn, BulkStatus.OUT_OF_RANGE, message)
                 return True
-            conn.sendall(bulk.pack_reply(BulkStatus.OK, length))
+            with self._lock:
+                self._sending[conn] = held
             if not self._send(conn, held, offset, offset + length):
                 return False
         finally:
+            with self._lock:
+                self._sending.pop(conn, None)
             source.release(held)
         BULK_REQUESTS.labels(BulkStatus.OK.label).inc()
-        if offset == 0 and length == total and replica_id:
-            source.record_replica(replica_id, version)
+        if replica_id:
+            source.sent(replica_id, version, offset, offset + length)
         return True
 
     def _send(self, conn: socket.socket, held: HeldVersion, start: int, stop: int) -> bool:
-        """Send [start, stop) of `held` in slices; False if a close stopped it."""
+        """The reply header and [start, stop) of `held`, in slices, all within the transfer
+        deadline; False if a close stopped it. OSError when the deadline passed or the
+        connection was cut (revoked)."""
+        limit = transfer_deadline(stop - start, self.transfer_grace_s, self.min_bytes_per_second)
+        deadline = time.monotonic() + limit
+        _send_by(conn, bulk.pack_reply(BulkStatus.OK, stop - start), deadline)
         for begin in range(start, stop, SEND_SLICE_BYTES):
-            if self._closed or self.source.closed:
+            if self._closed or self.source.closed or held.revoked:
                 return False
             end = min(begin + SEND_SLICE_BYTES, stop)
-            conn.sendall(self.payload(held, begin, end))
+            _send_by(conn, self.payload(held, begin, end), deadline)
             BULK_SENT_BYTES.inc(end - begin)
         return True
 
 
-def _read_replica_id(conn: socket.socket, request: bulk.Request) -> str | None:
+def _send_by(conn: socket.socket, data: memoryview | bytes, deadline: float) -> None:
+    """sendall, all of it before `deadline` (time.monotonic()); TimeoutError otherwise."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the transfer deadline passed")
+    conn.settimeout(left)  # sendall's timeout bounds the whole call (Python >= 3.5)
+    try:
+        conn.sendall(data)
+    except TimeoutError:
+        BULK_CLOSED.labels("slow_reader").inc()
+        raise
+
+
+def _read_replica_id(conn: socket.socket, request: bulk.Request, deadline: float) -> str | None:
     """The replica id after a request header; None (after a BAD_REQUEST reply) when the
     header or the id is malformed."""
     if not request.well_formed:
@@ -246,7 +333,7 @@ def _read_replica_id(conn: socket.socket, request: bulk.Request) -> str | None:
             f"{request.id_length} bytes",
         )
         return None
-    raw_id = bulk.recv_exact(conn, request.id_length)
+    raw_id = bulk.recv_exact(conn, request.id_length, deadline=deadline)
     assert raw_id is not None
     try:
         return raw_id.decode()
@@ -258,6 +345,19 @@ def _read_replica_id(conn: socket.socket, request: bulk.Request) -> str | None:
 def _reply_error(conn: socket.socket, status: BulkStatus, message: str) -> None:
     BULK_REQUESTS.labels(status.label).inc()
     conn.sendall(bulk.pack_error(status, message))
+
+
+def _refuse(conn: socket.socket, message: str) -> None:
+    """Refuse a connection from the accepting thread: one non-blocking UNAVAILABLE reply (it
+    fits the socket buffer), read what already came (closing with unread input would reset the
+    connection before the client reads the reply), close."""
+    BULK_REQUESTS.labels(BulkStatus.UNAVAILABLE.label).inc()
+    with contextlib.suppress(OSError):
+        conn.setblocking(False)
+        conn.send(bulk.pack_error(BulkStatus.UNAVAILABLE, message))
+        conn.shutdown(socket.SHUT_WR)
+        conn.recv(1 << 16)
+    conn.close()
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -27,6 +27,7 @@ from .tcp_bulk import TcpBulkTransport
 from .transport import Announcement, FetchedVersion, FetchOptions, Link, Transport
 
 FETCH_METHOD = "/puremesh.weights.v1.WeightService/FetchWeights"
+CONFIRM_TIMEOUT_S = 30.0
 # announced transport -> the class that receives it; announcements of a transport this replica
 # does not have (or has turned off) are fetched with TRANSPORT_GRPC_STREAM, always available.
 TRANSPORTS: dict[int, Callable[[Link], Transport]] = {
@@ -116,18 +117,31 @@ class WeightFetcher:
 
     # ------------------------------------------------------------------ announcements
 
-    def watch(self, current_version: int) -> grpc.aio.UnaryStreamCall:
-        """Open WatchVersions: announcements of versions newer than `current_version`. The
-        caller reads it (`async for` or `read()`) and cancels it."""
+    def watch(self, current_version: int, run_id: str = "") -> grpc.aio.UnaryStreamCall:
+        """Open WatchVersions: announcements of versions newer than `current_version` of run
+        `run_id` (any version of another run). The caller reads it (`async for` or `read()`) and
+        cancels it."""
         request = weights_pb2.WatchVersionsRequest(
-            replica_id=self.replica_id, current_version=current_version
+            replica_id=self.replica_id, current_version=current_version, run_id=run_id
         )
         return self.link.stub.WatchVersions(request)
 
-    async def current(self, held_version: int) -> Announcement | None:
-        """The learner's current version if it is newer than `held_version`, else None.
-        RpcError if the learner does not answer (UNAVAILABLE while it is down)."""
-        call = self.watch(held_version)
+    async def confirm(self, fetched: FetchedVersion) -> None:
+        """ConfirmVersion: tell the learner this replica verified and swapped in `fetched`.
+        RpcError if the learner refuses it or does not answer."""
+        request = weights_pb2.ConfirmVersionRequest(
+            replica_id=self.replica_id, run_id=fetched.run_id, version=fetched.version, sha256=fetched.sha256
+        )
+        try:
+            await self.link.stub.ConfirmVersion(request, timeout=CONFIRM_TIMEOUT_S)
+        except grpc.aio.AioRpcError as error:
+            raise RpcError(error.code(), error.details() or "", self.target) from error
+
+    async def current(self, held_version: int, held_run: str = "") -> Announcement | None:
+        """The learner's current version if it is newer than `held_version` or of another run
+        than `held_run`, else None. RpcError if the learner does not answer (UNAVAILABLE while
+        it is down)."""
+        call = self.watch(held_version, held_run)
         try:
             await call.initial_metadata()  # the learner sends headers as soon as it accepted
             try:

@@ -56,7 +56,9 @@ class GrpcStreamTransport:
                 digest = await assembly.sha256()
                 if digest == announcement.sha256:
                     assert assembly.manifest is not None
-                    return FetchedVersion(announcement.version, assembly.manifest, assembly.buffer)
+                    return FetchedVersion(
+                        announcement.version, assembly.manifest, assembly.buffer, announcement.run_id, digest
+                    )
                 missing = await assembly.drop_bad_chunks()
                 if not missing:
                     raise WeightSyncError(

@@ -2,8 +2,14 @@
 
 WatchVersions announces the store's new versions, FetchWeights streams a version's chunks (each
 with its SHA-256, the manifest on the stream's first), DescribeVersion gives the manifest and the
-bulk chunks' CRC-32s. Bad calls raise the domain errors of rpc/errors.py, which the host's
-interceptor (rpc/server.py) maps to status codes.
+bulk chunks' CRC-32s, ConfirmVersion records that a replica holds a version (replicas.py's
+rules). Bad calls raise the domain errors of rpc/errors.py, which the host's interceptor
+(rpc/server.py) maps to status codes.
+
+FetchWeights writes each chunk with `context.write` under a deadline: the whole stream must go
+out within `transfer_deadline(bytes)` (a grace plus a minimum throughput), so a client that
+reads slowly is cut off (DEADLINE_EXCEEDED). It holds the version only while it encodes a
+chunk, never across a write: a slow client pins no buffer.
 
 Register it with `weight_service` (or `add_weight_service_to_server`), not the generated
 function: FetchWeights then yields each chunk already encoded, as the bytes of a WeightChunk
@@ -13,6 +19,7 @@ with one copy, instead of three through a WeightChunk message).
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,17 +28,28 @@ from typing import Any
 import grpc
 from prometheus_client import Counter
 
-from puremesh.contract.weights import chunk_count, encode_chunk
-from puremesh.rpc.errors import InvalidArgument, NotFound, NotReady, Overloaded
+from puremesh.contract.weights import MAX_VERSION, chunk_count, encode_chunk
+from puremesh.rpc.errors import DeadlineExceeded, InvalidArgument, NotFound, NotReady, Overloaded
 from puremesh.rpc.server import ServiceDefinition
 from puremesh.weights.v1 import weights_pb2, weights_pb2_grpc
 
+from .replicas import ConfirmRefused
 from .store import StoredVersion, VersionInfo, VersionNotFound, WeightStore
 
 SERVICE_NAME = "puremesh.weights.v1.WeightService"
 DEFAULT_MAX_WATCHERS = 4096
 DEFAULT_MAX_FETCHES = 64
+# Every transfer (a FetchWeights stream here, a bulk reply in bulk_server.py) must go out within
+# TRANSFER_GRACE_S plus its bytes at MIN_BYTES_PER_SECOND.
+DEFAULT_TRANSFER_GRACE_S = 30.0
+DEFAULT_MIN_BYTES_PER_SECOND = 4 << 20
 SHUTTING_DOWN = "the learner is shutting down"
+
+
+def transfer_deadline(nbytes: int, grace_s: float, min_bytes_per_second: float) -> float:
+    """Seconds a transfer of `nbytes` may take: the grace plus the bytes at the minimum rate."""
+    return grace_s + nbytes / min_bytes_per_second
+
 
 SENT_BYTES = Counter("puremesh_learner_weight_sent_bytes_total", "Tensor bytes sent by FetchWeights")
 
@@ -74,6 +92,7 @@ def announcement(info: VersionInfo) -> weights_pb2.VersionAnnouncement:
         transport=info.transport,
         bulk_port=info.bulk_port,
         bulk_host=info.bulk_host,
+        run_id=info.run_id,
     )
 
 
@@ -81,7 +100,8 @@ class WeightServicer(weights_pb2_grpc.WeightServiceServicer):
     """WeightService over a WeightStore (see weights.proto for the contract).
 
     max_watchers / max_fetches: open WatchVersions streams / concurrent FetchWeights calls
-    before RESOURCE_EXHAUSTED.
+    before RESOURCE_EXHAUSTED. transfer_grace_s / min_bytes_per_second: the deadline of every
+    FetchWeights stream (`transfer_deadline`).
     """
 
     def __init__(
@@ -89,10 +109,15 @@ class WeightServicer(weights_pb2_grpc.WeightServiceServicer):
         store: WeightStore,
         max_watchers: int = DEFAULT_MAX_WATCHERS,
         max_fetches: int = DEFAULT_MAX_FETCHES,
+        *,
+        transfer_grace_s: float = DEFAULT_TRANSFER_GRACE_S,
+        min_bytes_per_second: float = DEFAULT_MIN_BYTES_PER_SECOND,
     ) -> None:
         self.store = store
         self.max_watchers = max_watchers
         self.max_fetches = max_fetches
+        self.transfer_grace_s = transfer_grace_s
+        self.min_bytes_per_second = min_bytes_per_second
         self.watchers = 0
         self.fetches = 0
         # True once registered by add_weight_service_to_server, whose serializer passes encoded
@@ -118,55 +143,82 @@ class WeightServicer(weights_pb2_grpc.WeightServiceServicer):
     ) -> AsyncIterator[weights_pb2.VersionAnnouncement]:
         store = self.store
         self._admit(request.replica_id)
+        if request.current_version > MAX_VERSION:
+            raise InvalidArgument(f"current_version {request.current_version} is above {MAX_VERSION}")
         if self.watchers >= self.max_watchers:
             raise Overloaded(f"{self.watchers} WatchVersions streams are open")
         self.watchers += 1
-        store.record_replica(request.replica_id, request.current_version, watching=+1)
+        store.subscribed(request.replica_id, request.current_version)
         try:
             # Headers go out at once, so that a subscriber knows the learner answered even when
             # it has nothing newer to announce.
             await context.send_initial_metadata(())
-            held = request.current_version
+            held, run = request.current_version, request.run_id
             while True:
-                info = await store.wait_newer(held)
+                info = await store.wait_newer(held, run)
                 if info is None:
                     raise NotReady(SHUTTING_DOWN)
                 yield announcement(info)
-                held = info.version
+                held, run = info.version, info.run_id
         finally:
             self.watchers -= 1
-            store.record_replica(request.replica_id, watching=-1)
+            store.unsubscribed(request.replica_id)
 
     async def FetchWeights(
         self, request: weights_pb2.FetchWeightsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes | weights_pb2.WeightChunk]:
+    ) -> None:
+        """Writes the chunks with `context.write` (see the module docstring)."""
         store = self.store
         self._admit(request.replica_id)
+        info = self._info(request.version)
+        if self.fetches >= self.max_fetches:
+            raise Overloaded(f"{self.fetches} fetches in flight")
+        size = min(request.max_chunk_bytes or store.chunk_bytes, store.chunk_bytes)
+        indices = _chunk_indices(request, info, size)
+        nbytes = sum(min(size, info.total_bytes - i * size) for i in indices)
+        limit = transfer_deadline(nbytes, self.transfer_grace_s, self.min_bytes_per_second)
+        deadline = asyncio.get_running_loop().time() + limit
+        self.fetches += 1
         try:
-            stored = store.acquire(request.version)  # its bytes stay intact until release
+            for position, index in enumerate(indices):
+                if store.closed:
+                    raise NotReady(SHUTTING_DOWN)
+                chunk = self._encoded(request.version, index, size, with_manifest=position == 0)
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await context.write(chunk[0])
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"FetchWeights of {nbytes} bytes did not go out within {limit:.0f} s "
+                        f"(at least {self.min_bytes_per_second / 2**20:.1f} MiB/s are required)"
+                    ) from None
+                SENT_BYTES.inc(chunk[2] - chunk[1])
+                store.sent(request.replica_id, request.version, chunk[1], chunk[2])
+        finally:
+            self.fetches -= 1
+
+    def _info(self, version: int) -> VersionInfo:
+        try:
+            return self.store.get(version).info
+        except VersionNotFound as error:
+            raise NotFound(str(error)) from None
+
+    def _encoded(
+        self, version: int, index: int, size: int, with_manifest: bool
+    ) -> tuple[bytes | weights_pb2.WeightChunk, int, int]:
+        """(chunk `index` as it goes on the wire, its first byte, its end), read while the
+        version is held; NotFound once it is evicted or revoked."""
+        try:
+            stored = self.store.acquire(version)
         except VersionNotFound as error:
             raise NotFound(str(error)) from None
         try:
-            if self.fetches >= self.max_fetches:
-                raise Overloaded(f"{self.fetches} fetches in flight")
-            size = min(request.max_chunk_bytes or store.chunk_bytes, store.chunk_bytes)
-            indices = _chunk_indices(request, stored, size)
-            self.fetches += 1
-            try:
-                for position, index in enumerate(indices):
-                    if store.closed:
-                        raise NotReady(SHUTTING_DOWN)
-                    chunk = self.chunk(stored, index, size, with_manifest=position == 0)
-                    # Encoded here rather than by grpc's serializer: measured twice as fast
-                    # (the copy then overlaps with grpc sending the previous chunk).
-                    yield chunk.SerializeToString() if self.encoded_chunks else chunk.to_proto()
-                    SENT_BYTES.inc(len(chunk.data))
-            finally:
-                self.fetches -= 1
+            chunk = self.chunk(stored, index, size, with_manifest)
+            # Encoded here rather than by grpc's serializer: measured twice as fast.
+            wire = chunk.SerializeToString() if self.encoded_chunks else chunk.to_proto()
         finally:
-            store.release(stored)
-        if not request.chunk_indices:
-            store.record_replica(request.replica_id, stored.info.version)
+            self.store.release(stored)
+        return wire, chunk.offset, chunk.offset + len(chunk.data)
 
     async def DescribeVersion(
         self, request: weights_pb2.DescribeVersionRequest, context: grpc.aio.ServicerContext
@@ -176,6 +228,18 @@ class WeightServicer(weights_pb2_grpc.WeightServiceServicer):
             return self.layout(self.store.get(request.version))
         except VersionNotFound as error:
             raise NotFound(str(error)) from None
+
+    async def ConfirmVersion(
+        self, request: weights_pb2.ConfirmVersionRequest, context: grpc.aio.ServicerContext
+    ) -> weights_pb2.ConfirmVersionResponse:
+        self._admit(request.replica_id)
+        try:
+            self.store.confirm(request.replica_id, request.run_id, request.version, request.sha256)
+        except VersionNotFound as error:
+            raise NotFound(str(error)) from None
+        except ConfirmRefused as error:
+            raise InvalidArgument(str(error)) from None
+        return weights_pb2.ConfirmVersionResponse(current_version=self.store.current_version)
 
     def chunk(self, stored: StoredVersion, index: int, chunk_bytes: int, with_manifest: bool) -> ChunkMessage:
         """Chunk `index` of `stored` at `chunk_bytes` (the manifest on the stream's first)."""
@@ -213,18 +277,19 @@ class WeightServicer(weights_pb2_grpc.WeightServiceServicer):
                 manifest=self.tensor_specs(stored),
                 crc32_chunk_bytes=stored.info.bulk_chunk_bytes,
                 chunk_crc32=stored.chunk_crc32,
+                run_id=stored.info.run_id,
             )
         return layout
 
 
-def _chunk_indices(request: weights_pb2.FetchWeightsRequest, stored: StoredVersion, size: int):
+def _chunk_indices(request: weights_pb2.FetchWeightsRequest, info: VersionInfo, size: int):
     """The chunk indices a FetchWeights call asks for, sorted, each once; InvalidArgument for
     one past the version's last chunk."""
-    count = chunk_count(stored.info.total_bytes, size)
+    count = chunk_count(info.total_bytes, size)
     indices = sorted(set(request.chunk_indices)) if request.chunk_indices else range(count)
     if indices and indices[-1] >= count:
         raise InvalidArgument(
-            f"chunk index {indices[-1]} out of range: version {stored.info.version} has "
+            f"chunk index {indices[-1]} out of range: version {info.version} has "
             f"{count} chunks of {size} bytes"
         )
     return indices
@@ -253,6 +318,11 @@ def add_weight_service_to_server(servicer: WeightServicer, server: grpc.aio.Serv
             servicer.DescribeVersion,
             request_deserializer=weights_pb2.DescribeVersionRequest.FromString,
             response_serializer=weights_pb2.VersionLayout.SerializeToString,
+        ),
+        "ConfirmVersion": grpc.unary_unary_rpc_method_handler(
+            servicer.ConfirmVersion,
+            request_deserializer=weights_pb2.ConfirmVersionRequest.FromString,
+            response_serializer=weights_pb2.ConfirmVersionResponse.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -1,16 +1,18 @@
 """The learner's version store: snapshots of each new policy version, kept for the replicas.
 
-`WeightStore` keeps the newest `retain` versions. `publish` copies the tensors, in the given
-order, into ONE contiguous byte buffer (the layout of contract/weights.py), and computes once
-the SHA-256 of the whole buffer, the SHA-256 of every chunk at the default chunk size and the
-CRC-32 of every bulk chunk (threads: hashlib and the CRC-32 release the GIL), so that serving a
-version to N replicas costs no hashing and no copy of the buffer (a chunk is a memoryview slice
-of it). Then it wakes every waiter (the WatchVersions streams).
+`WeightStore` keeps the newest `retain` versions of one learner run (`run_id`). `publish` copies
+the tensors, in the given order, into ONE contiguous byte buffer (the layout of
+contract/weights.py) and computes its checksums once (checksums.py), so that serving a version
+to N replicas costs no hashing and no copy of the buffer (a chunk is a memoryview slice of it).
+Then it wakes every waiter (the WatchVersions streams).
 
-The readers of a version (servicer.py's FetchWeights, bulk_server.py) `acquire` and `release`
-it. A version's buffer is reused for a later version of the same size once it is evicted and
-nobody reads it (writing into mapped memory is several times faster than into fresh pages), so
-steady publishing keeps `retain` (+1 while a slow reader holds one) buffers of the model's size.
+Bounded memory, whatever clients do: at most `max_buffers` model-size buffers exist at once.
+The readers of a version (servicer.py's FetchWeights while it encodes a chunk, bulk_server.py
+while it sends a slice) `acquire` and `release` it. A version evicted while read is *revoked*:
+new readers get NOT_FOUND, the revocation listeners (the bulk server closes the connections
+sending it) are called, and its buffer is reused as soon as the last reader let go. A publish
+that would need a buffer beyond `max_buffers` waits for that (up to `revoke_wait_s`). Writing
+into a reused buffer (already mapped) is also several times faster than into fresh pages.
 
 Threads: `publish` may run on any thread (the training loop usually blocks its own); the
 servicer and the `wait_*` helpers run on event loops, and the store wakes them thread-safely.
@@ -20,32 +22,31 @@ never end on their own.
 
 from __future__ import annotations
 
-import hashlib
-import math
+import logging
 import os
 import sys
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
-from puremesh.contract.bulk import crc32
-from puremesh.contract.weights import Manifest, chunk_count, chunk_range, copy_into, lay_out
+from puremesh.contract.weights import MAX_VERSION, copy_into, lay_out
 from puremesh.weights.v1 import weights_pb2
 
 from .broadcast import Broadcast
-from .replicas import ReplicaBook, ReplicaState
+from .checksums import checksums
+from .replicas import DEFAULT_MAX_RECORDS, DEFAULT_TTL_S, ConfirmRefused, ReplicaBook, ReplicaState
+from .stored import DEFAULT_BULK_CHUNK_BYTES, StoredVersion, VersionInfo, VersionNotFound
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RETAIN = 2
 DEFAULT_CHUNK_BYTES = 4 << 20
-# Chunks of the bulk data plane's CRC-32s: small enough that checking the last one adds little
-# after the last byte, and that a bad one is cheap to send again.
-DEFAULT_BULK_CHUNK_BYTES = 1 << 20
+DEFAULT_REVOKE_WAIT_S = 10.0
 
 PUBLISH_SECONDS = Histogram(
     "puremesh_learner_weight_publish_seconds",
@@ -53,62 +54,11 @@ PUBLISH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 PUBLISHED_VERSION = Gauge("puremesh_learner_weight_version", "Newest published policy version")
-
-
-class VersionNotFound(LookupError):
-    """The version is not retained (evicted, or never published)."""
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    """A published version, as announced (total_chunks at the store's chunk size)."""
-
-    version: int
-    total_bytes: int
-    total_chunks: int
-    num_tensors: int
-    sha256: str
-    chunk_bytes: int
-    published_at: float  # time.time()
-    transport: int = weights_pb2.TRANSPORT_GRPC_STREAM  # the announced data path
-    bulk_port: int = 0  # the bulk data plane's port; 0 = none
-    bulk_host: str = ""  # announced bulk host; empty = the host the replica reaches the learner at
-    bulk_chunk_bytes: int = DEFAULT_BULK_CHUNK_BYTES  # chunk size of the CRC-32s
-
-
-class StoredVersion:
-    """One retained version: manifest, bytes (read-only memoryview) and checksums."""
-
-    def __init__(
-        self,
-        info: VersionInfo,
-        manifest: Manifest,
-        storage: torch.Tensor,
-        chunk_sha256: list[str],
-        chunk_crc32: list[int],
-    ) -> None:
-        self.info = info
-        self.manifest = manifest
-        self.storage = storage  # owns the bytes that `data` views
-        self.data = memoryview(storage.numpy()).toreadonly()
-        self._chunk_sha: dict[int, list[str | None]] = {info.chunk_bytes: list(chunk_sha256)}
-        self.chunk_crc32 = list(chunk_crc32)  # CRC-32 of each chunk at info.bulk_chunk_bytes
-        self.readers = 0  # WeightStore.acquire / release
-
-    def chunk_range(self, index: int, chunk_bytes: int) -> tuple[int, int]:
-        return chunk_range(index, chunk_bytes, self.info.total_bytes)
-
-    def chunk_sha256(self, index: int, chunk_bytes: int) -> str:
-        """Hex SHA-256 of chunk `index` at `chunk_bytes` (precomputed at the default size,
-        computed once and cached at any other)."""
-        digests = self._chunk_sha.get(chunk_bytes)
-        if digests is None:
-            digests = self._chunk_sha[chunk_bytes] = [None] * chunk_count(self.info.total_bytes, chunk_bytes)
-        digest = digests[index]
-        if digest is None:
-            start, stop = self.chunk_range(index, chunk_bytes)
-            digest = digests[index] = hashlib.sha256(self.data[start:stop]).hexdigest()
-        return digest
+BUFFERS = Gauge("puremesh_learner_weight_buffers", "Model-size weight buffers held by the version store")
+REVOKED = Counter(
+    "puremesh_learner_weight_revoked_versions_total",
+    "Versions evicted while a reader still held them (their readers are cut off)",
+)
 
 
 class WeightStore:
@@ -120,8 +70,12 @@ class WeightStore:
             can finish.
         chunk_bytes: the default (and largest) chunk size of FetchWeights.
         hash_threads: threads that checksum a new version (0 = up to 4, one per core).
-        bulk_chunk_bytes: the chunk size of the CRC-32s that check the bulk data plane (computed
-            at publish whether or not a bulk server runs: DescribeVersion serves them).
+        bulk_chunk_bytes: the chunk size of the CRC-32s that check the bulk data plane.
+        run_id: the learner run the versions belong to (announced with each).
+        max_buffers: model-size buffers at most (default retain + 1: one for a version evicted
+            while a reader still holds it).
+        revoke_wait_s: how long a publish waits for the readers of a revoked version.
+        replica_ttl_s / max_replica_records: the replica records' expiry and bound (replicas.py).
     """
 
     def __init__(
@@ -131,24 +85,34 @@ class WeightStore:
         hash_threads: int = 0,
         *,
         bulk_chunk_bytes: int = DEFAULT_BULK_CHUNK_BYTES,
+        run_id: str = "",
+        max_buffers: int | None = None,
+        revoke_wait_s: float = DEFAULT_REVOKE_WAIT_S,
+        replica_ttl_s: float = DEFAULT_TTL_S,
+        max_replica_records: int = DEFAULT_MAX_RECORDS,
     ) -> None:
-        if retain < 1:
-            raise ValueError(f"retain must be >= 1, got {retain}")
+        max_buffers = retain + 1 if max_buffers is None else max_buffers
+        if retain < 1 or max_buffers < retain:
+            raise ValueError(f"need retain >= 1 and max_buffers >= retain, got {retain} and {max_buffers}")
         if chunk_bytes < 1 or bulk_chunk_bytes < 1:
             raise ValueError(f"chunk sizes must be >= 1, got {chunk_bytes} and {bulk_chunk_bytes}")
         if sys.byteorder != "little":
             raise RuntimeError("the weight layout is little-endian; this host is big-endian")
-        self.retain = retain
+        self.retain, self.max_buffers, self.revoke_wait_s = retain, max_buffers, revoke_wait_s
         self.chunk_bytes = chunk_bytes
         self.bulk_chunk_bytes = bulk_chunk_bytes
+        self.run_id = run_id
         self._hash_threads = hash_threads or min(4, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.RLock()
+        self._released = threading.Condition(self._lock)
         self._publishing = threading.Lock()
         self._versions: OrderedDict[int, StoredVersion] = OrderedDict()
+        self._revoked: list[StoredVersion] = []  # evicted, still read
         self._current: VersionInfo | None = None
         self._changed = Broadcast()
-        self._replicas = ReplicaBook(self._changed)
+        self._replicas = ReplicaBook(self._changed, ttl_s=replica_ttl_s, max_records=max_replica_records)
+        self._revoke_listeners: list[Callable[[StoredVersion], None]] = []
         self._closed = False
         self._bulk: tuple[int, str] = (0, "")  # (port, advertised host) of a bulk data plane
 
@@ -159,6 +123,10 @@ class WeightStore:
         (bulk_server.py); `host` is the announced host, empty = the host each replica reaches
         the WeightService at (the usual case, also behind a Kubernetes Service)."""
         self._bulk = (port, host)
+
+    def on_revoke(self, listener: Callable[[StoredVersion], None]) -> None:
+        """Call `listener(stored)` (on the publishing thread) when a version is revoked."""
+        self._revoke_listeners.append(listener)
 
     @property
     def current_version(self) -> int:
@@ -176,9 +144,19 @@ class WeightStore:
             return list(self._versions)
 
     @property
+    def buffers(self) -> int:
+        """Model-size buffers held now: the retained versions and the revoked ones still read."""
+        with self._lock:
+            return len(self._versions) + len(self._revoked)
+
+    @property
     def replicas(self) -> dict[str, ReplicaState]:
         """replica_id -> ReplicaState, a copy; lag = current_version - state.version."""
         return self._replicas.states()
+
+    @property
+    def book(self) -> ReplicaBook:
+        return self._replicas
 
     @property
     def closed(self) -> bool:
@@ -205,16 +183,18 @@ class WeightStore:
     def release(self, stored: StoredVersion) -> None:
         with self._lock:
             stored.readers -= 1
+            if stored.revoked and not stored.readers:
+                self._released.notify_all()
 
     # ------------------------------------------------------------------ publishing
 
     def publish(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> VersionInfo:
         """Snapshot `named_tensors` (detached, copied to CPU) as `version` and announce it.
 
-        `version` must be an int greater than the current version (0 is the replicas' weights
-        from disk, so the first publish is >= 1); ValueError otherwise, or for a bad tensor.
-        Blocks while copying and checksumming (tens of ms per 64 MB): from an event loop that
-        also serves the WeightService, call it through `asyncio.to_thread`.
+        `version` must be an int greater than the current version and at most MAX_VERSION (0 is
+        the replicas' weights from disk, so the first publish is >= 1); ValueError otherwise,
+        or for a bad tensor. Blocks while copying and checksumming (tens of ms per 64 MB): from
+        an event loop that also serves the WeightService, call it through `asyncio.to_thread`.
         The version stays fetchable until `retain` newer ones are published.
         """
         if self._closed:
@@ -224,20 +204,21 @@ class WeightStore:
             self._check_version(version)
             manifest, tensors = lay_out(named_tensors)
             total = sum(spec.nbytes for spec in manifest)
-            storage = self._reusable_storage(total)
-            if storage is None:
-                storage = torch.empty(total, dtype=torch.uint8)
+            storage = self._storage_for(total)
             copy_into(storage, manifest, tensors)
             del tensors
-            whole, chunks, crcs = self._checksums(memoryview(storage.numpy()), total)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._hash_threads, thread_name_prefix="weights-sha")
+            whole, chunks, crcs = checksums(
+                self._pool, self._hash_threads, memoryview(storage.numpy()), self.chunk_bytes,
+                self.bulk_chunk_bytes,
+            )  # fmt: skip
             info = self._info(int(version), total, len(chunks), len(manifest), whole)
-            stored = StoredVersion(info, manifest, storage, chunks, crcs)
             with self._lock:
                 self._check_version(version)
-                self._versions[info.version] = stored
-                while len(self._versions) > self.retain:
-                    self._versions.popitem(last=False)
+                self._versions[info.version] = StoredVersion(info, manifest, storage, chunks, crcs)
                 self._current = info
+                BUFFERS.set(len(self._versions) + len(self._revoked))
         self._changed.notify()
         PUBLISHED_VERSION.set(info.version)
         PUBLISH_SECONDS.observe(time.perf_counter() - began)
@@ -257,47 +238,57 @@ class WeightStore:
             bulk_port=port,
             bulk_host=host,
             bulk_chunk_bytes=self.bulk_chunk_bytes,
+            run_id=self.run_id,
         )
 
-    def _reusable_storage(self, total: int) -> torch.Tensor | None:
-        """The bytes of the version this publish evicts, if nobody reads it and the size fits:
-        writing into memory already mapped is several times faster than into fresh pages. That
-        version is dropped now (NOT_FOUND a moment earlier than it would be anyway)."""
+    def _storage_for(self, total: int) -> torch.Tensor:
+        """A buffer of `total` bytes for the next version, never beyond max_buffers: the bytes of
+        the version this publish evicts when nobody reads it and the size fits, else a fresh
+        one once there is room (evicting revokes a version still read; see the module
+        docstring). That version is dropped now (NOT_FOUND a moment earlier than otherwise)."""
+        deadline = time.monotonic() + self.revoke_wait_s
         with self._lock:
-            if len(self._versions) < self.retain:
-                return None
-            oldest = next(iter(self._versions.values()))
-            if oldest.readers or oldest.info.total_bytes != total:
-                return None
-            del self._versions[oldest.info.version]
-            return oldest.storage
+            if len(self._versions) >= self.retain:
+                oldest = next(iter(self._versions.values()))
+                del self._versions[oldest.info.version]
+                self._replicas.forget(oldest.info.version)
+                if not oldest.readers and oldest.info.total_bytes == total:
+                    return oldest.storage
+                if oldest.readers:
+                    self._revoke(oldest)
+            while True:
+                self._revoked = [stored for stored in self._revoked if stored.readers]
+                if len(self._versions) + len(self._revoked) < self.max_buffers:
+                    return torch.empty(total, dtype=torch.uint8)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.error(
+                        "weights: readers of revoked versions %s did not let go in %.0f s; allocating "
+                        "beyond max_buffers",
+                        [s.info.version for s in self._revoked],
+                        self.revoke_wait_s,
+                    )
+                    return torch.empty(total, dtype=torch.uint8)
+                self._released.wait(left)
+
+    def _revoke(self, stored: StoredVersion) -> None:
+        """Called with the lock held: `stored` was evicted while read."""
+        stored.revoked = True
+        self._revoked.append(stored)
+        REVOKED.inc()
+        for listener in self._revoke_listeners:
+            try:
+                listener(stored)
+            except Exception:
+                log.exception("weights: a revocation listener failed")
 
     def _check_version(self, version: int) -> None:
-        if isinstance(version, bool) or not isinstance(version, int) or version <= self.current_version:
+        ok = isinstance(version, int) and not isinstance(version, bool)
+        if not ok or not self.current_version < version <= MAX_VERSION:
             raise ValueError(
-                f"version must be an int greater than the current version {self.current_version}, "
-                f"got {version!r}"
+                f"version must be an int greater than the current version {self.current_version} "
+                f"and at most {MAX_VERSION}, got {version!r}"
             )
-
-    def _checksums(self, data: memoryview, total: int) -> tuple[str, list[str], list[int]]:
-        """SHA-256 of the whole buffer (this thread), and SHA-256 of every default-size chunk and
-        CRC-32 of every bulk chunk (the pool), at the same time."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._hash_threads, thread_name_prefix="weights-sha")
-        sha = self._spread(_chunk_sha256, data, self.chunk_bytes, total)
-        crc = self._spread(_chunk_crc32, data, self.bulk_chunk_bytes, total)
-        whole = hashlib.sha256(data).hexdigest()
-        return whole, [d for task in sha for d in task.result()], [d for task in crc for d in task.result()]
-
-    def _spread(self, function: Callable[..., list], data: memoryview, size: int, total: int) -> list[Future]:
-        """`function` over the chunks of `size`, in one task per pool thread."""
-        assert self._pool is not None
-        count = chunk_count(total, size)
-        per_task = max(1, math.ceil(count / self._hash_threads))
-        return [
-            self._pool.submit(function, data, size, first, min(first + per_task, count), total)
-            for first in range(0, count, per_task)
-        ]
 
     def close(self) -> None:
         """Stop serving: open WatchVersions streams end (UNAVAILABLE, shutting down), FetchWeights
@@ -311,35 +302,45 @@ class WeightStore:
 
     # ------------------------------------------------------------------ replicas
 
-    def record_replica(self, replica_id: str, version: int | None = None, watching: int = 0) -> None:
-        """Note that `replica_id` holds `version` (None: unchanged) and opened (+1) or closed (-1)
-        a WatchVersions stream. Called by the servicer and the bulk server."""
-        self._replicas.record(replica_id, version, watching)
+    def subscribed(self, replica_id: str, reported: int) -> None:
+        self._replicas.subscribed(replica_id, reported)
 
-    async def wait_newer(self, version: int) -> VersionInfo | None:
+    def unsubscribed(self, replica_id: str) -> None:
+        self._replicas.unsubscribed(replica_id)
+
+    def sent(self, replica_id: str, version: int, start: int, stop: int) -> None:
+        """Bytes [start, stop) of `version` went out to `replica_id` (servicer, bulk server)."""
+        self._replicas.sent(replica_id, version, start, stop)
+
+    def confirm(self, replica_id: str, run_id: str, version: int, sha256: str) -> None:
+        """ConfirmVersion: VersionNotFound, or ConfirmRefused (replicas.py's rules)."""
+        info = self.get(version).info
+        if run_id != info.run_id or sha256 != info.sha256:
+            raise ConfirmRefused(
+                f"version {version} of run {info.run_id!r} has SHA-256 {info.sha256}, the replica "
+                f"confirmed {sha256!r} of run {run_id!r}"
+            )
+        self._replicas.confirm(replica_id, version, info.total_bytes)
+
+    async def wait_newer(self, version: int, run_id: str | None = None) -> VersionInfo | None:
         """The current version once it is newer than `version` (the newest, if several were
-        published meanwhile); None once the store is closed."""
+        published meanwhile), or any current version when `run_id` is given and is not the
+        store's; None once the store is closed."""
+        other_run = run_id is not None and run_id != self.run_id
         while True:
             epoch = self._changed.epoch
             if self._closed:
                 return None
             current = self._current
-            if current is not None and current.version > version:
+            if current is not None and (other_run or current.version > version):
                 return current
             await self._changed.wait(epoch)
 
     async def wait_for_replicas(
         self, version: int, replicas: Iterable[str] | int, timeout: float | None = None
     ) -> dict[str, ReplicaState]:
-        """Wait until replicas hold `version` or newer: every id in `replicas`, or (an int) at
-        least that many replicas. Returns the replicas that do; TimeoutError after `timeout` s
-        (naming the laggards); RuntimeError if the store closes first."""
+        """Wait until replicas hold `version` or newer: every id in `replicas`, or (an int n) n
+        of them, or every watching replica that is not idle when fewer watch (replicas.py).
+        Returns the replicas that do; TimeoutError after `timeout` s (naming the laggards);
+        RuntimeError if the store closes first."""
         return await self._replicas.wait_for(version, replicas, timeout, lambda: self._closed)
-
-
-def _chunk_sha256(data: memoryview, size: int, first: int, stop: int, total: int) -> list[str]:
-    return [hashlib.sha256(data[slice(*chunk_range(i, size, total))]).hexdigest() for i in range(first, stop)]
-
-
-def _chunk_crc32(data: memoryview, size: int, first: int, stop: int, total: int) -> list[int]:
-    return [crc32(data[slice(*chunk_range(i, size, total))]) for i in range(first, stop)]

@@ -5,6 +5,11 @@
 ready), `run` follows every new one until stopped, reconnecting with backoff when the learner
 goes away. The sink copies the tensors it is given (they are views of the fetcher's buffer,
 which is reused for the next version).
+
+Runs: a version is new when it is newer than the sink's, or of another learner run than the
+sink's (a learner that started fresh): the replica then switches to that run, whatever the
+version numbers say. After each swap the subscriber confirms the version to the learner
+(ConfirmVersion), which only then counts the replica as holding it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ RECONNECT_ATTEMPT_CAP = 16
 SYNC_FAILURES = Counter(
     "puremesh_rollout_weight_sync_failures_total",
     "Versions that could not be fetched or loaded, by stage",
-    ["stage"],  # fetch | load
+    ["stage"],  # fetch | load | confirm
 )
 
 
@@ -42,9 +47,26 @@ class WeightSink(Protocol):
     @property
     def policy_version(self) -> int: ...
 
-    async def load_weights(self, tensors: Sequence[tuple[str, torch.Tensor]], version: int) -> None:
-        """Copy the (name, tensor) pairs into the model, which now holds `version`."""
+    @property
+    def policy_run(self) -> str:
+        """The learner run of policy_version ("" = the weights from disk)."""
         ...
+
+    async def load_weights(
+        self, tensors: Sequence[tuple[str, torch.Tensor]], version: int, run_id: str = ""
+    ) -> None:
+        """Copy the (name, tensor) pairs into the model, which now holds `version` of `run_id`."""
+        ...
+
+
+def held_run(sink: WeightSink) -> str:
+    """The sink's run ("" for sinks that know no runs)."""
+    return getattr(sink, "policy_run", "")
+
+
+def is_new(announcement: Announcement, sink: WeightSink) -> bool:
+    """Whether `announcement` is worth swapping in: another run, or a newer version."""
+    return announcement.run_id != held_run(sink) or announcement.version > sink.policy_version
 
 
 class WeightSubscriber:
@@ -78,20 +100,20 @@ class WeightSubscriber:
         return self.fetcher.target
 
     async def fetch(self, announcement: Announcement) -> int:
-        """Download the announced version and swap it into the sink (skipped if the sink
-        already holds it or a newer one). Returns the sink's version."""
+        """Download the announced version and swap it into the sink (skipped unless it is new:
+        `is_new`), then confirm it to the learner. Returns the sink's version."""
         sink = self.sink
-        if announcement.version <= sink.policy_version:
+        if not is_new(announcement, sink):
             return sink.policy_version
         try:
             fetched = await self.fetcher.download(announcement)
         except (RpcError, WeightSyncError):
             SYNC_FAILURES.labels("fetch").inc()
             raise
-        if announcement.version <= sink.policy_version:  # a concurrent swap got there first
+        if not is_new(announcement, sink):  # a concurrent swap got there first
             return sink.policy_version
         try:
-            await sink.load_weights(fetched.tensors(), announcement.version)
+            await sink.load_weights(fetched.tensors(), announcement.version, announcement.run_id)
         except Exception:
             SYNC_FAILURES.labels("load").inc()
             self._recycle(fetched)
@@ -100,7 +122,20 @@ class WeightSubscriber:
         self._recycle(fetched)
         if self.on_version is not None:
             self.on_version(sink.policy_version)
+        await self._confirm(fetched)
         return sink.policy_version
+
+    async def _confirm(self, fetched: FetchedVersion) -> None:
+        try:
+            await self.fetcher.confirm(fetched)
+        except RpcError as error:  # the swap stands; the learner just does not count it yet
+            SYNC_FAILURES.labels("confirm").inc()
+            log.warning(
+                "weight sync: %s did not take the confirmation of version %d: %s",
+                self.target,
+                fetched.version,
+                error,
+            )
 
     def _recycle(self, fetched: FetchedVersion) -> None:
         if self.reuse_buffer:  # the sink is done with the tensors, views of the buffer
@@ -120,7 +155,7 @@ class WeightSubscriber:
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
-                    found = await self.fetcher.current(self.sink.policy_version)
+                    found = await self.fetcher.current(self.sink.policy_version, held_run(self.sink))
                 if found is None:
                     return self.sink.policy_version
                 return await self.fetch(found)
@@ -177,7 +212,7 @@ class WeightSubscriber:
     async def _follow(self) -> None:
         """One WatchVersions stream, until it ends; returns when the learner ended it or went
         away after answering (reconnect at once), raises if it never answered."""
-        call = self.fetcher.watch(self.sink.policy_version)
+        call = self.fetcher.watch(self.sink.policy_version, held_run(self.sink))
         inbox: asyncio.Queue[weights_pb2.VersionAnnouncement | RpcError | None] = asyncio.Queue()
         answered = False
 

@@ -3,9 +3,9 @@
 DescribeVersion (gRPC) gives the manifest and the CRC-32 of every chunk; the bytes come over
 plain TCP straight into the preallocated buffer (bulk_receiver.py), each chunk's CRC-32 checked
 on a second thread as soon as it has arrived, and chunks that fail are asked for again by byte
-range. On this path the per-chunk CRC-32s are the integrity check (they catch the corruption a
-transfer can cause; the whole-version SHA-256 is not computed: it would cost more CPU than the
-transfer itself).
+range. Then the whole version's SHA-256, which came with the announcement over the gRPC
+control plane, is checked too (folded in as the chunks are checked, so it overlaps with the
+transfer): a bulk server that serves other bytes with matching CRC-32s is caught.
 
 On any failure (port unreachable, protocol error, a broken or stalled connection, chunks that
 keep failing) the download falls back to the gRPC stream (grpc_stream.py), logs a warning (once,
@@ -40,6 +40,7 @@ BULK_FALLBACKS = Counter(
     "puremesh_rollout_weight_bulk_fallbacks_total",
     "Downloads that fell back from the bulk data plane to FetchWeights, by reason",
     ["reason"],  # BulkError reasons: connect | describe | not_found | unavailable | protocol | io | checksum
+    # | sha256
 )
 
 
@@ -128,7 +129,14 @@ class TcpBulkTransport:
         finally:
             FETCH_BYTES.inc(receiver.received_bytes)
             CHUNK_RETRIES.inc(receiver.retried_chunks)
-        return FetchedVersion(announcement.version, manifest, buffer)
+        digest = await asyncio.wrap_future(self.link.worker.submit(receiver.sha256))
+        if digest != announcement.sha256:
+            raise BulkError(
+                "sha256",
+                f"version {announcement.version}: every chunk matches its CRC-32 but the version's "
+                f"SHA-256 {digest} is not the announced {announcement.sha256}",
+            )
+        return FetchedVersion(announcement.version, manifest, buffer, announcement.run_id, digest)
 
     async def _describe(self, announcement: Announcement, receiver: BulkReceiver) -> Manifest:
         """DescribeVersion: hand the chunk CRC-32s to `receiver`, return the manifest."""

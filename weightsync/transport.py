@@ -90,6 +90,7 @@ class Announcement:
     transport: int = weights_pb2.TRANSPORT_GRPC_STREAM
     bulk_port: int = 0  # 0 = no bulk data plane
     bulk_host: str = ""  # empty = the host of the fetcher's target
+    run_id: str = ""  # the learner run; versions compare only within one run
 
     @classmethod
     def from_proto(cls, message: weights_pb2.VersionAnnouncement) -> Announcement:
@@ -102,16 +103,20 @@ class Announcement:
             transport=message.transport,
             bulk_port=message.bulk_port,
             bulk_host=message.bulk_host,
+            run_id=message.run_id,
         )
 
 
 @dataclass
 class FetchedVersion:
-    """A downloaded, verified version: its bytes and manifest."""
+    """A downloaded, verified version: its bytes and manifest (the whole version's SHA-256
+    matched the announced one on every transport)."""
 
     version: int
     manifest: Manifest
     buffer: torch.Tensor  # uint8, total_bytes long
+    run_id: str = ""
+    sha256: str = ""
 
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
         return rebuild_tensors(self.buffer, self.manifest)

@@ -25,6 +25,7 @@ class ReplicaStatus:
     ready: bool
     requests_in_flight: int
     replica_id: str
+    run_id: str = ""  # the learner run of policy_version; "" = the weights from disk
 
 
 class RolloutClient(ServiceClient):
@@ -45,10 +46,15 @@ class RolloutClient(ServiceClient):
         *,
         min_policy_version: int = 0,
         request_id: str = "",
+        run_id: str = "",
     ) -> AsyncIterator[Sample]:
-        """Stream the samples of one prompt (text or token ids) in completion order."""
+        """Stream the samples of one prompt (text or token ids) in completion order, from a
+        replica at `min_policy_version` or newer of learner run `run_id` (empty: any run)."""
         request = rollout_pb2.GenerateRequest(
-            request_id=request_id, sampling=sampling_to_proto(sampling), min_policy_version=min_policy_version
+            request_id=request_id,
+            sampling=sampling_to_proto(sampling),
+            min_policy_version=min_policy_version,
+            run_id=run_id,
         )
         if isinstance(prompt, str):
             request.prompt_text = prompt
@@ -66,6 +72,7 @@ class RolloutClient(ServiceClient):
             reply.ready,
             reply.requests_in_flight,
             reply.replica_id,
+            reply.run_id,
         )
 
     async def _probe_application(self) -> str:

@@ -57,7 +57,8 @@ class Engine(abc.ABC):
 
     Lifecycle: construct (cheap, no I/O) -> `await start()` (load and warm up) -> `generate` /
     `load_weights` from one event loop -> `await close()`. Version 0 is the weights loaded from
-    `model_path`; `load_weights` installs later versions (strictly increasing).
+    `model_path`; `load_weights` installs later versions (strictly increasing within one learner
+    run; a version of another run is taken whatever its number: a learner that started fresh).
 
     Args:
         model_path: LOCAL directory with the policy (config, safetensors weights, tokenizer).
@@ -90,6 +91,7 @@ class Engine(abc.ABC):
         self._state: Literal["new", "starting", "ready", "closing", "closed", "failed"] = "new"
         self._failure: BaseException | None = None
         self._policy_version = 0
+        self._policy_run = ""  # the learner run of _policy_version; "" = the weights from disk
         self._in_flight = 0
         self._active: dict[int, tuple[SampleSink, CancelFn]] = {}
         self._next_generation = 0
@@ -115,6 +117,11 @@ class Engine(abc.ABC):
     def policy_version(self) -> int:
         """The version of the weights new generations run with (0 = the weights from disk)."""
         return self._policy_version
+
+    @property
+    def policy_run(self) -> str:
+        """The learner run of `policy_version` ("" = the weights from disk)."""
+        return self._policy_run
 
     @property
     def requests_in_flight(self) -> int:
@@ -236,7 +243,9 @@ class Engine(abc.ABC):
             self._in_flight -= 1
             self._active.pop(key, None)
 
-        sink = SampleSink(loop, spec.n, len(prompt), self._policy_version, self.decode, finished)
+        sink = SampleSink(
+            loop, spec.n, len(prompt), self._policy_version, self.decode, finished, self._policy_run
+        )
         try:
             self._require_ready()
             cancel = self._submit(prompt, spec, sink)
@@ -259,33 +268,35 @@ class Engine(abc.ABC):
 
     # ------------------------------------------------------------------ weights
 
-    async def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    async def load_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, run_id: str | None = None
+    ) -> None:
         """Install a new policy version.
 
         `named_tensors` must hold every weight of the policy, under its checkpoint (Hugging Face)
         name, with its shape (`model.named_parameters()` of the transformers model is exactly
-        that). A tied alias (e.g. lm_head.weight when tied to the input embedding, as listed by
-        `state_dict()`) may be given and is ignored: the tied weight comes from the name
-        `named_parameters()` uses. The tensors are
-        validated first (ValueError, nothing changed). Then the swap waits for the running
-        generations to finish and holds new ones back until the new weights are in place:
-        generations admitted before the call report the old version, those after it the new one.
-        `version` must be greater than the current version.
+        that). A tied alias (e.g. lm_head.weight, as `state_dict()` lists it) is ignored: the
+        tied weight comes from the name `named_parameters()` uses. The tensors are validated
+        first (ValueError, nothing changed). Then the swap waits for the running generations
+        and holds new ones back until the new weights are in place: generations admitted before
+        the call report the old version, later ones the new. `version` must be greater than
+        the current one, unless `run_id` names another run (None keeps the current run).
         """
+        run = self._policy_run if run_id is None else run_id
         self._require_ready()
-        self._check_version(version)
+        self._check_version(version, run)
         tensors = self._check_weights(named_tensors)
         async with self._gate.write():
             self._require_ready()
-            self._check_version(version)
+            self._check_version(version, run)
             try:
                 await self._load_weights_impl(tensors)
             except BaseException as error:
                 # The model may hold a mix of old and new weights: refuse further work.
                 self._mark_failed(error)
                 raise
-            self._policy_version = int(version)
-        logger.info("%s engine: policy version %d loaded", self.name, version)
+            self._policy_version, self._policy_run = int(version), run
+        logger.info("%s engine: policy version %d of run %r loaded", self.name, version, run)
 
     # ------------------------------------------------------------------ backend hooks
 
@@ -347,10 +358,12 @@ class Engine(abc.ABC):
             )
         return [int(t) for t in prompt]
 
-    def _check_version(self, version: int) -> None:
-        if not is_integer(version) or version <= self._policy_version:
+    def _check_version(self, version: int, run: str) -> None:
+        floor = self._policy_version if run == self._policy_run else 0
+        if not is_integer(version) or version <= floor:
             raise ValueError(
-                f"version must be an integer > the current version {self._policy_version}, got {version!r}"
+                f"version must be an integer > {floor} (the current version {self._policy_version} of "
+                f"run {self._policy_run!r}), got {version!r} of run {run!r}"
             )
 
     def _check_weights(

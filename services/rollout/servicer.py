@@ -43,11 +43,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     ) -> AsyncIterator[rollout_pb2.GenerateResponse]:
         if not self.engine.ready:
             raise NotReady("the rollout engine is not ready")
-        if request.min_policy_version > self.engine.policy_version:
-            raise StaleWeights(
-                f"replica holds policy version {self.engine.policy_version}, "
-                f"the caller needs >= {request.min_policy_version}"
-            )
+        self._check_weights(request)
         if self.engine.requests_in_flight >= self.settings.max_in_flight:
             raise Overloaded(f"{self.engine.requests_in_flight} generations in flight on this replica")
         prompt = self._prompt_ids(request)
@@ -63,6 +59,22 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         except EngineNotReadyError as error:
             raise NotReady(str(error)) from error
 
+    def _check_weights(self, request: rollout_pb2.GenerateRequest) -> None:
+        """StaleWeights unless the replica's weights are the run and version the caller needs
+        (rollout.proto GenerateRequest.run_id: the weights from disk match any run at 0)."""
+        engine = self.engine
+        run, version = engine.policy_run, engine.policy_version
+        from_disk = run == "" and version == 0
+        if request.run_id and run != request.run_id and not from_disk:
+            raise StaleWeights(
+                f"replica holds policy version {version} of run {run!r}, the caller's run is "
+                f"{request.run_id!r}"
+            )
+        if request.min_policy_version > version:
+            raise StaleWeights(
+                f"replica holds policy version {version}, the caller needs >= {request.min_policy_version}"
+            )
+
     async def GetStatus(
         self, request: rollout_pb2.GetStatusRequest, context
     ) -> rollout_pb2.GetStatusResponse:
@@ -74,4 +86,5 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             ready=self.engine.ready,
             requests_in_flight=self.engine.requests_in_flight,
             replica_id=self.replica_id,
+            run_id=self.engine.policy_run,
         )

@@ -27,6 +27,7 @@ class SampleSink:
         policy_version: int,
         decode: Callable[[list[int]], str],
         on_done: Callable[[], None],
+        run_id: str = "",
     ) -> None:
         self._loop = loop
         self._pending = set(range(n))
@@ -34,6 +35,7 @@ class SampleSink:
         self._on_done = on_done
         self.prompt_token_count = prompt_token_count
         self.policy_version = policy_version
+        self.run_id = run_id
         self.queue: asyncio.Queue[Sample | BaseException] = asyncio.Queue()
         self.done = False
 
@@ -57,6 +59,7 @@ class SampleSink:
             text=self._decode(token_ids),
             policy_version=self.policy_version,
             prompt_token_count=self.prompt_token_count,
+            run_id=self.run_id,
         )
         self.queue.put_nowait(sample)
         if not self._pending:

@@ -50,6 +50,7 @@ def sample_to_proto(sample: Sample) -> rollout_pb2.GenerateResponse:
         policy_version=sample.policy_version,
         prompt_token_count=sample.prompt_token_count,
         text=sample.text,
+        run_id=sample.run_id,
     )
 
 
@@ -62,4 +63,5 @@ def sample_from_proto(message: rollout_pb2.GenerateResponse) -> Sample:
         policy_version=message.policy_version,
         prompt_token_count=message.prompt_token_count,
         text=message.text,
+        run_id=message.run_id,
     )

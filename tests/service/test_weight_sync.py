@@ -277,7 +277,8 @@ async def test_subscriber_reconnects_to_a_restarted_learner(start_learner, engin
         await asyncio.sleep(0.3)  # the subscriber finds nobody for a while
         second = await start_learner(port=port)
         await wait_until(lambda: second.store.replicas.get("replica-1") is not None)
-        assert second.store.replicas["replica-1"].version == 1  # what it reported on reconnect
+        state = second.store.replicas["replica-1"]
+        assert state.reported == 1 and state.version == 0  # what it reports is never trusted
         second.store.publish(2, policy_versions(2))
         await wait_until(lambda: engine.policy_version == 2)
         assert (await second.store.wait_for_replicas(2, 1, timeout=10)).keys() == {"replica-1"}
@@ -344,7 +345,28 @@ async def test_status_codes_and_chunking_via_raw_stubs(start_learner) -> None:
             grpc.StatusCode.INVALID_ARGUMENT
         )
         assert await code_of(_fetch_call(stub, version=1)) == grpc.StatusCode.NOT_FOUND  # evicted
-        assert learner.store.replicas["raw"].version == 3  # full fetches count, subsets do not
+        # a subscriber holds a version only once it confirms it after a complete transfer
+        assert learner.store.replicas["raw"].version == 0
+        confirm = weights_pb2.ConfirmVersionRequest
+        sha = learner.store.get(3).info.sha256
+        for bad in (
+            confirm(replica_id="raw", version=3, sha256="0" * 64),  # not the version's SHA-256
+            confirm(replica_id="raw", version=3, sha256=sha, run_id="another-run"),
+            confirm(replica_id="made-up", version=3, sha256=sha),  # never subscribed
+            confirm(version=3, sha256=sha),  # no replica id
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ConfirmVersion(bad, timeout=5)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ConfirmVersion(confirm(replica_id="raw", version=1, sha256=sha), timeout=5)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        reply = await stub.ConfirmVersion(confirm(replica_id="raw", version=3, sha256=sha), timeout=5)
+        assert reply.current_version == 3 and learner.store.replicas["raw"].version == 3
+        # a spoofed current_version beyond the representable range is refused
+        assert await code_of(stub.WatchVersions(watch(replica_id="raw", current_version=2**64 - 1))) == (
+            grpc.StatusCode.INVALID_ARGUMENT
+        )
 
         learner.servicer.max_fetches = learner.servicer.max_watchers = 0  # overload
         assert await code_of(_fetch_call(stub, version=3)) == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -97,7 +97,7 @@ def test_unset_wire_fields_read_as_the_proto_defaults() -> None:
 
 def test_samples_round_trip_and_unknown_finish_reasons_read_as_unspecified() -> None:
     for reason in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT):
-        sample = Sample(2, [5, 6, 7], [-0.5, -0.25, 0.0], reason, 3, 11, "abc")
+        sample = Sample(2, [5, 6, 7], [-0.5, -0.25, 0.0], reason, 3, 11, "abc", run_id="run-a")
         wire = rollout_pb2.GenerateResponse.FromString(
             rollout_wire.sample_to_proto(sample).SerializeToString()
         )
@@ -118,6 +118,7 @@ def test_a_sample_serialises_with_its_values() -> None:
         "policy_version": 4,
         "prompt_token_count": 2,
         "text": "x",
+        "run_id": "",
     }
 
 
