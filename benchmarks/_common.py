@@ -18,13 +18,14 @@ ENV = {
 }
 os.environ.update({k: os.environ.get(k, v) for k, v in ENV.items()})
 
+# After the environment above: the hub reads it when transformers is first imported.
+from puremesh.tinyworld.tokenizer import build_tokenizer  # noqa: E402
+
 
 def build_models(out: Path, hidden: int, layers: int, heads: int) -> tuple[Path, Path]:
     """A tokenizer plus a policy and a PRM of the given size, random, in `out` (policy, prm)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForTokenClassification
-
-    from puremesh.tinyworld.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(out / "tokenizer")
     config = dict(

@@ -23,13 +23,13 @@ from pathlib import Path
 
 from _common import Served, build_models, ratio_line
 
+from puremesh.services.prm.client import PrmClient
+from puremesh.services.prm.scorer import PrmScorer
 from puremesh.tinyworld.corpus import arithmetic_solution
 
 
 async def drive(target: str, items: list[tuple[list[int], list[int]]], clients: int, per_call: int) -> float:
     """Items per second through the service, `clients` calls of `per_call` items in flight."""
-    from puremesh.services.prm.client import PrmClient
-
     queue: asyncio.Queue = asyncio.Queue()
     for start in range(0, len(items), per_call):
         queue.put_nowait(items[start : start + per_call])
@@ -47,7 +47,7 @@ async def drive(target: str, items: list[tuple[list[int], list[int]]], clients: 
         return len(items) / (time.perf_counter() - began)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--items", type=int, default=1024)
@@ -58,10 +58,19 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    from puremesh.services.prm.scorer import PrmScorer
 
+def items_per_second(scorer: PrmScorer, items: list, per_pass: int) -> float:
+    """Items/s of the bare scorer fed `per_pass` items per call."""
+    began = time.perf_counter()
+    for start in range(0, len(items), per_pass):
+        scorer.score_responses(items[start : start + per_pass])
+    return len(items) / (time.perf_counter() - began)
+
+
+def main() -> None:
+    args = parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         _, prm_dir = build_models(Path(scratch), args.hidden, args.layers, args.heads)
         scorer = PrmScorer(prm_dir, max_tokens_per_forward=args.max_batch_tokens)
@@ -78,22 +87,13 @@ def main() -> None:
             f"{len(items)} items, {tokens:,} tokens; PRM hidden {args.hidden}, {args.layers} layers; "
             f"{args.clients} concurrent clients"
         )
-
         scorer.score_responses(items[:8])
-        began = time.perf_counter()
         # The same batches the service can form at best: every client's items in one pass.
-        batch = args.clients * args.per_call
-        for start in range(0, len(items), batch):
-            scorer.score_responses(items[start : start + batch])
-        direct = len(items) / (time.perf_counter() - began)
+        direct = items_per_second(scorer, items, args.clients * args.per_call)
         # The same model fed one call's items per forward pass: what batching can save at most in
         # the forward passes themselves (on a CPU the passes are compute-bound early).
-        began = time.perf_counter()
-        for start in range(0, len(items), args.per_call):
-            scorer.score_responses(items[start : start + args.per_call])
-        direct_per_call = len(items) / (time.perf_counter() - began)
+        direct_per_call = items_per_second(scorer, items, args.per_call)
         del scorer
-
         env = {
             "PUREMESH_PRM__MODEL_PATH": str(prm_dir),
             "PUREMESH_PRM__MAX_BATCH_TOKENS": str(args.max_batch_tokens),
@@ -102,7 +102,10 @@ def main() -> None:
             batched = asyncio.run(drive(server.target, items, args.clients, args.per_call))
         with Served("prm", {**env, "PUREMESH_PRM__BATCHING": "false"}) as server:
             unbatched = asyncio.run(drive(server.target, items, args.clients, args.per_call))
+    report(direct, direct_per_call, batched, unbatched)
 
+
+def report(direct: float, direct_per_call: float, batched: float, unbatched: float) -> None:
     print(f"direct batched model calls : {direct:8.1f} items/s")
     print(f"direct, one call per pass  : {direct_per_call:8.1f} items/s")
     print(f"service, batching on       : {batched:8.1f} items/s")

@@ -18,13 +18,15 @@ from pathlib import Path
 
 from _common import Served, build_models, ratio_line
 
+from puremesh.contract.sampling import SamplingSpec
+from puremesh.services.rollout.app import build_engine
+from puremesh.services.rollout.client import RolloutClient
+from puremesh.services.rollout.settings import RolloutSettings
+
 PROMPT = "Question {i}: Tom has {i} apples and buys 4 more. How many apples does he have?\n\n"
 
 
 async def direct(engine_name: str, policy: Path, prompts: int, n: int, max_new_tokens: int) -> float:
-    from puremesh.contract.sampling import SamplingSpec
-    from puremesh.services.rollout.app import build_engine
-    from puremesh.services.rollout.settings import RolloutSettings
 
     engine = build_engine(RolloutSettings(engine=engine_name, model_path=str(policy), dtype="float32"))
     await engine.start()
@@ -44,8 +46,6 @@ async def direct(engine_name: str, policy: Path, prompts: int, n: int, max_new_t
 
 
 async def service(target: str, prompts: int, n: int, max_new_tokens: int) -> float:
-    from puremesh.contract.sampling import SamplingSpec
-    from puremesh.services.rollout.client import RolloutClient
 
     sampling = SamplingSpec(n=n, temperature=1.0, max_new_tokens=max_new_tokens, seed=0)
     async with RolloutClient(target) as client:

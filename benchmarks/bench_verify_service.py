@@ -18,6 +18,7 @@ import time
 
 from _common import Served, ratio_line
 
+from puremesh.services.verify.client import VerifyClient
 from puremesh.services.verify.grading import grade
 
 
@@ -52,7 +53,6 @@ def _grade(item: tuple[str, str]):
 
 
 async def drive(target: str, items: list[tuple[str, str]], batch: int, clients: int) -> float:
-    from puremesh.services.verify.client import VerifyClient
 
     chunks = [items[i : i + batch] for i in range(0, len(items), batch)]
     async with VerifyClient(target, timeout=600) as client:

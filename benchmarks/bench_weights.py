@@ -34,6 +34,15 @@ import time
 
 import _common  # noqa: F401  (offline environment)
 
+from puremesh.rpc.server import ServiceHost
+from puremesh.rpc.settings import ServerSettings
+from puremesh.weightsync.bulk_server import BulkServer
+from puremesh.weightsync.fetcher import WeightFetcher
+from puremesh.weightsync.servicer import WeightServicer, weight_service
+from puremesh.weightsync.store import DEFAULT_CHUNK_BYTES, WeightStore
+from puremesh.weightsync.tcp_bulk import BULK_FALLBACKS
+from puremesh.weightsync.transport import Announcement, FetchOptions
+
 MB = 1e6
 
 
@@ -64,9 +73,6 @@ def subscriber_process(index: int, target: str, rounds: int, bulk: bool, ready, 
 
 
 async def _subscriber(index: int, target: str, rounds: int, bulk: bool, ready, results) -> None:
-    from puremesh.weightsync.fetcher import WeightFetcher
-    from puremesh.weightsync.tcp_bulk import BULK_FALLBACKS
-    from puremesh.weightsync.transport import Announcement, FetchOptions
 
     async with WeightFetcher(target, f"bench-{index}", FetchOptions(bulk=bulk)) as fetcher:
         stream = fetcher.watch(0)
@@ -88,11 +94,6 @@ async def _subscriber(index: int, target: str, rounds: int, bulk: bool, ready, r
 
 
 async def run_weights(tensors, fanout: int, rounds: int, chunk_bytes: int, bulk: bool) -> dict:
-    from puremesh.rpc.server import ServiceHost
-    from puremesh.rpc.settings import ServerSettings
-    from puremesh.weightsync.bulk_server import BulkServer
-    from puremesh.weightsync.servicer import WeightServicer, weight_service
-    from puremesh.weightsync.store import WeightStore
 
     publisher = WeightStore(retain=2, chunk_bytes=chunk_bytes)
     bulk_server = BulkServer(publisher, "127.0.0.1")
@@ -204,7 +205,6 @@ def _send(conn: socket.socket, data: memoryview) -> None:
 
 
 def main() -> None:
-    from puremesh.weightsync.store import DEFAULT_CHUNK_BYTES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=64, help="size of the state dict in MB")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import socket
 
+import torch
+
 from puremesh.rollout.v1 import rollout_pb2_grpc
 from puremesh.rpc.server import ServiceDefinition
 from puremesh.weightsync.fetcher import WeightFetcher
@@ -12,8 +14,10 @@ from puremesh.weightsync.subscriber import WeightSubscriber
 from puremesh.weightsync.transport import FetchOptions
 
 from .engine import Engine
+from .hf_engine import HfEngine
 from .servicer import POLICY_VERSION, SERVICE, RolloutServicer
 from .settings import RolloutSettings
+from .vllm_engine import VllmEngine
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +35,6 @@ def build_engine(settings: RolloutSettings) -> Engine:
         model_name=settings.model_name or None, max_n=settings.max_n, max_new_tokens=settings.max_new_tokens
     )
     if settings.engine == "vllm":
-        import torch
-
-        from .vllm_engine import VllmEngine
-
         memory = settings.gpu_memory_utilization
         if memory is None:
             memory = GPU_MEMORY_SHARE if torch.cuda.is_available() else CPU_MEMORY_SHARE
@@ -46,8 +46,6 @@ def build_engine(settings: RolloutSettings) -> Engine:
             engine_kwargs={"gpu_memory_utilization": memory, **settings.vllm_engine_args},
             **limits,
         )
-    from .hf_engine import HfEngine
-
     return HfEngine(
         settings.model_path,
         device=settings.device,

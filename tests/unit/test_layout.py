@@ -141,6 +141,34 @@ def test_every_module_follows_its_package_rule() -> None:
     assert violations() == []
 
 
+def nested_project_imports(module: str, path: Path) -> list[str]:
+    """Project imports that are not at the top level of the module (nor under `if TYPE_CHECKING`)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    top = {id(node) for node in tree.body}
+    top |= {
+        id(inner)
+        for node in tree.body
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for inner in node.body
+    }
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom) and id(node) not in top:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            relative = isinstance(node, ast.ImportFrom) and node.level > 0
+            if relative or any(name.split(".")[0] == "puremesh" for name in names):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return found
+
+
+def test_project_imports_are_at_the_top_of_each_module() -> None:
+    """Only heavy third-party modules (vllm, ray) are imported where they are used."""
+    nested = [
+        line for module, path in sorted(modules().items()) for line in nested_project_imports(module, path)
+    ]
+    assert nested == []
+
+
 def test_the_table_covers_every_package() -> None:
     for package in package_roots():
         assert package in RULES, f"puremesh.{package} has no rule"
