@@ -1,4 +1,5 @@
-"""PURE math: credit transforms, RLOO baselines, returns, normalisation, PPO loss, diagnostics.
+"""PURE math: credit transforms, RLOO baselines, returns, normalisation, PPO loss, off-policy
+correction, diagnostics.
 
 The algorithm's choices (enums) and defaults are written once, in options.py.
 
@@ -27,6 +28,7 @@ from .credit import (
     suffix_min,
 )
 from .diagnostics import prm_vr_agreement, repeat_score, steps_per_response
+from .offpolicy import OFF_POLICY_WEIGHTS, off_policy_weights, truncated_importance_weights
 from .options import (
     BASELINES,
     CREDIT_METHODS,
@@ -36,15 +38,19 @@ from .options import (
     DEFAULT_KL_COEF,
     DEFAULT_KL_ESTIMATOR,
     DEFAULT_NORMALIZE,
+    DEFAULT_OFF_POLICY_CORRECTION,
     DEFAULT_REWARD_MODE,
     DEFAULT_TEMPERATURE,
+    DEFAULT_TIS_CAP,
     DEFAULT_VR_COEF,
     KL_ESTIMATORS,
     NORMALIZE_EPS,
+    OFF_POLICY_CORRECTIONS,
     REWARD_MODES,
     BaselineKind,
     CreditMethod,
     KlEstimator,
+    OffPolicyCorrection,
     RewardMode,
     parse_choice,
 )
@@ -62,16 +68,21 @@ __all__ = [
     "DEFAULT_KL_COEF",
     "DEFAULT_KL_ESTIMATOR",
     "DEFAULT_NORMALIZE",
+    "DEFAULT_OFF_POLICY_CORRECTION",
     "DEFAULT_REWARD_MODE",
     "DEFAULT_TEMPERATURE",
+    "DEFAULT_TIS_CAP",
     "DEFAULT_VR_COEF",
     "KL_ESTIMATES",
     "KL_ESTIMATORS",
     "NORMALIZE_EPS",
+    "OFF_POLICY_CORRECTIONS",
+    "OFF_POLICY_WEIGHTS",
     "REWARD_MODES",
     "BaselineKind",
     "CreditMethod",
     "KlEstimator",
+    "OffPolicyCorrection",
     "PpoLoss",
     "PureAdvantages",
     "RewardMode",
@@ -81,6 +92,7 @@ __all__ = [
     "leave_one_out",
     "masked_sequence_mean",
     "normalize_advantages",
+    "off_policy_weights",
     "outcome_reward",
     "parse_choice",
     "ppo_loss",
@@ -96,5 +108,6 @@ __all__ = [
     "steps_per_response",
     "suffix_min",
     "token_level_baseline",
+    "truncated_importance_weights",
     "verifiable_advantage",
 ]

@@ -1,8 +1,9 @@
 """The algorithm's choices and defaults, each written once.
 
-The choices (credit form, reward mode, baseline, KL estimator) are StrEnums: their values are
-the strings of the settings YAML, environment variables, CLI flags and JSON output. The code
-that dispatches on a choice keeps a registry keyed by its enum (credit.py, advantages.py).
+The choices (credit form, reward mode, baseline, KL estimator, off-policy correction) are
+StrEnums: their values are the strings of the settings YAML, environment variables, CLI flags
+and JSON output. The code that dispatches on a choice keeps a registry keyed by its enum
+(credit.py, advantages.py, offpolicy.py).
 The defaults are S1's (pure-algorithm.md, "Notation" and section 5); AlgoSettings, the
 functions of this package, `puremesh credit` and the benchmarks point here.
 """
@@ -54,10 +55,19 @@ class KlEstimator(StrEnum):
     K3 = "k3"
 
 
+class OffPolicyCorrection(StrEnum):
+    """Per-token weight of the PPO loss against the behaviour policy that sampled the tokens
+    (offpolicy.py): none, or truncated importance sampling (tis)."""
+
+    NONE = "none"
+    TIS = "tis"
+
+
 CREDIT_METHODS: tuple[CreditMethod, ...] = tuple(CreditMethod)
 REWARD_MODES: tuple[RewardMode, ...] = tuple(RewardMode)
 BASELINES: tuple[BaselineKind, ...] = tuple(BaselineKind)
 KL_ESTIMATORS: tuple[KlEstimator, ...] = tuple(KlEstimator)
+OFF_POLICY_CORRECTIONS: tuple[OffPolicyCorrection, ...] = tuple(OffPolicyCorrection)
 
 DEFAULT_CREDIT = CreditMethod.MIN
 DEFAULT_TEMPERATURE = 0.1  # T, the softmin temperature of min-form credit
@@ -68,6 +78,8 @@ DEFAULT_KL_ESTIMATOR = KlEstimator.K1
 DEFAULT_VR_COEF = 1.0  # c_vr, the verifiable-reward coefficient
 DEFAULT_NORMALIZE = True  # batch normalisation of the advantages
 DEFAULT_CLIP_EPS = 0.2  # PPO ratio clip
+DEFAULT_OFF_POLICY_CORRECTION = OffPolicyCorrection.NONE
+DEFAULT_TIS_CAP = 2.0  # C, the truncation of the importance weights (offpolicy.py)
 NORMALIZE_EPS = 1e-8  # floor of the variance in the batch normalisation
 
 Choice = TypeVar("Choice", bound=StrEnum)

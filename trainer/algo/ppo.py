@@ -41,9 +41,11 @@ def ppo_loss(
     advantages: torch.Tensor,
     token_mask: torch.Tensor,
     clip_eps: float = DEFAULT_CLIP_EPS,
+    token_weights: torch.Tensor | None = None,
 ) -> PpoLoss:
     """Per token -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) with ratio = exp(new - old),
-    aggregated as the mean over sequences of each sequence's token mean.
+    times the token's weight (offpolicy.py; 1 when None), aggregated as the mean over sequences
+    of each sequence's token mean.
 
     All inputs [B, L]; values under padding never matter.
     """
@@ -56,6 +58,8 @@ def ppo_loss(
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
     per_token = -torch.minimum(unclipped, clipped)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach()
     with torch.no_grad():
         count = token_mask.sum().clamp(min=1)
         was_clipped = (clipped < unclipped) & token_mask
