@@ -32,11 +32,11 @@ from puremesh.trainer.data import load_problems
 
 from .models import HIDDEN_SIZE, NUM_LAYERS, build_policy, model_shape
 from .quality import PolicyQuality, policy_quality
-from .task import TaskFiles, build_task, drill_rows, task_corpus
+from .taskdata import TaskFiles, TaskRates, build_task, drill_rows, task_corpus
 from .tokenizer import build_tokenizer
 
 BOOTSTRAP_FORMAT = "puremesh-tinyworld"
-BOOTSTRAP_VERSION = 1
+BOOTSTRAP_VERSION = 2  # 2: padding steps, held-out disjoint by content
 MANIFEST = "manifest.json"
 CACHE_ENV = "PUREMESH_CACHE"
 DEFAULT_CACHE_ROOT = ".puremesh-cache"
@@ -62,8 +62,10 @@ class BootstrapConfig:
     n_train: int = 20000
     n_heldout: int = 1000
     sft_slip_rate: float = 0.65
+    sft_pad_rate: float = 0.15  # how often the policy's SFT data pads (solutions.py)
     prm_slip_rate: float = 0.5
     prm_error_rate: float = 0.08
+    prm_pad_rate: float = 0.3  # how often the PRM's data pads
     policy_hidden: int = HIDDEN_SIZE  # heads of 32 (vLLM's CPU attention needs head_dim >= 32)
     policy_layers: int = NUM_LAYERS
     drill_steps: int = 0  # pure arithmetic drills before the SFT mix (a curriculum)
@@ -253,15 +255,14 @@ def _tokenizer_phase(root: Path, config: BootstrapConfig) -> tuple[Any, str]:
 
 
 def _task_phase(root: Path, config: BootstrapConfig) -> tuple[TaskFiles, str]:
-    files = build_task(
-        root / "data",
-        config.n_train,
-        config.n_heldout,
-        config.seed,
+    rates = TaskRates(
         sft_slip_rate=config.sft_slip_rate,
+        sft_pad_rate=config.sft_pad_rate,
         prm_slip_rate=config.prm_slip_rate,
         prm_error_rate=config.prm_error_rate,
+        prm_pad_rate=config.prm_pad_rate,
     )
+    files = build_task(root / "data", config.n_train, config.n_heldout, config.seed, rates)
     return files, f"{config.n_train} train and {config.n_heldout} held-out problems"
 
 

@@ -1,5 +1,6 @@
-"""puremesh.tinyworld without a bootstrap: the task's problems, flawed solutions and first-error
-labels, its data files, drills, the models' shape, and the quality grader (the verify service's)."""
+"""puremesh.tinyworld without a bootstrap: the task's problems and their content, flawed and
+padded solutions and their first-error labels, the data files (held-out disjoint by content),
+drills, the models' shape, and the quality grader (the verify service's)."""
 
 from __future__ import annotations
 
@@ -14,18 +15,22 @@ from puremesh.services.verify import grading
 from puremesh.tinyworld.corpus import apply_op
 from puremesh.tinyworld.models import HIDDEN_SIZE, NUM_LAYERS, model_shape
 from puremesh.tinyworld.quality import solved
+from puremesh.tinyworld.solutions import CARRY, MAX_PADS_PER_GAP, RETHINK_PHRASES, task_solution
 from puremesh.tinyworld.task import (
-    CARRY,
     TASK_MAX_VALUE,
     TASK_MIN_VALUE,
-    build_task,
-    drill_rows,
     is_carry_step,
+    parse_question,
     task_problem,
-    task_solution,
 )
+from puremesh.tinyworld.taskdata import TaskRates, build_task, drill_rows
 
 PROBLEMS = [task_problem(random.Random(seed)) for seed in range(200)]
+
+
+RATES = TaskRates(
+    sft_slip_rate=0.65, sft_pad_rate=0.2, prm_slip_rate=0.5, prm_error_rate=0.08, prm_pad_rate=0.3
+)
 
 
 def _values(problem) -> list[int]:
@@ -33,6 +38,10 @@ def _values(problem) -> list[int]:
     for o in problem.operations:
         values.append(apply_op(values[-1], o.op, o.operand))
     return values
+
+
+def _content(question: str) -> tuple:
+    return parse_question(question)
 
 
 def test_problems_stay_in_range_and_restate_each_event() -> None:
@@ -73,18 +82,88 @@ def test_error_labels_are_first_error_and_every_error_is_marked() -> None:
         assert solution.correct <= right  # a solution labelled correct ends in the right answer
 
 
-def test_build_task_is_deterministic_and_keeps_held_out_apart(tmp_path: Path) -> None:
-    rates = {"sft_slip_rate": 0.65, "prm_slip_rate": 0.5, "prm_error_rate": 0.08}
-    first = build_task(tmp_path / "a", 60, 30, 3, **rates)
-    second = build_task(tmp_path / "b", 60, 30, 3, **rates)
+def test_build_task_is_deterministic_and_keeps_held_out_apart_by_content(tmp_path: Path) -> None:
+    first = build_task(tmp_path / "a", 400, 200, 3, RATES)
+    second = build_task(tmp_path / "b", 400, 200, 3, RATES)
     for name in ("train", "heldout", "sft", "prm", "prm_heldout"):
         assert getattr(first, name).read_bytes() == getattr(second, name).read_bytes()
     train = [json.loads(line) for line in first.train.read_text().splitlines()]
     heldout = [json.loads(line) for line in first.heldout.read_text().splitlines()]
-    assert (len(train), len(heldout)) == (60, 30)
-    assert not {r["question"] for r in train} & {r["question"] for r in heldout}
-    other = build_task(tmp_path / "c", 60, 30, 4, **rates)
+    assert (len(train), len(heldout)) == (400, 200)
+    # Disjoint by arithmetic content (start, operations, operands), read back from the questions'
+    # text: not one held-out chain is trained on, whatever its names and phrasings.
+    held_contents = [_content(r["question"]) for r in heldout]
+    assert len(set(held_contents)) == len(held_contents)
+    assert not {_content(r["question"]) for r in train} & set(held_contents)
+    other = build_task(tmp_path / "c", 400, 200, 4, RATES)
     assert other.train.read_bytes() != first.train.read_bytes()
+
+
+def test_without_the_content_rule_the_same_draw_would_overlap(tmp_path: Path) -> None:
+    """The disjointness above is not luck: drawn as before (distinct questions only), this many
+    problems share contents (issue 11 counted 133 of 500 held-out problems in the old world)."""
+    rng = random.Random(0)
+    held = [task_problem(rng) for _ in range(200)]
+    train = [task_problem(rng) for _ in range(4000)]
+    assert {p.content for p in train} & {p.content for p in held}
+
+
+def test_questions_read_back_to_their_content() -> None:
+    for problem in PROBLEMS:
+        assert parse_question(problem.question) == problem.content
+        assert problem.content[0] == problem.start and len(problem.content[1]) == len(problem.operations)
+    for bad in ("What is 3 + 4?", "Tom has 12 apples. First, he sings. How many apples does he have now?"):
+        with pytest.raises(ValueError):
+            parse_question(bad)
+
+
+def test_pads_are_labelled_correct_before_the_first_error_and_wrong_after() -> None:
+    rng = random.Random(2)
+    seen_before = seen_after = 0
+    for problem in PROBLEMS:
+        solution = task_solution(problem, rng, slip_rate=0.5, pad_rate=0.5)
+        assert list(solution.labels) == sorted(solution.labels, reverse=True)
+        for step, label in zip(solution.steps, solution.labels, strict=True):
+            if _is_pad(step):
+                seen_before += label
+                seen_after += 1 - label
+        # a pad never changes the arithmetic: the answer is right unless a carry slipped
+        right = grading.grade(solution.text, str(problem.answer))[0] is grading.Verdict.CORRECT
+        assert solution.correct == right
+    assert seen_before > 50 and seen_after > 20
+
+
+def _is_pad(step: str) -> bool:
+    return step.startswith(("At the start,", "So far,", "Check:")) or step in RETHINK_PHRASES
+
+
+def test_pads_say_true_things_and_repeat_at_most_a_few_times() -> None:
+    rng = random.Random(3)
+    for problem in PROBLEMS:
+        solution = task_solution(problem, rng, pad_rate=0.9)
+        assert solution.correct and solution.pads == sum(map(_is_pad, solution.steps))
+        values = _values(problem)
+        run = 0
+        for step in solution.steps:
+            run = run + 1 if _is_pad(step) else 0
+            assert run <= MAX_PADS_PER_GAP
+            if step.startswith("At the start,"):
+                assert f" {problem.start} " in step
+            if step.startswith("So far,"):
+                assert any(f" {v} " in step for v in values[1:])
+        assert len(solution.steps) - solution.pads == len(problem.operations) + 1
+
+
+def test_restating_a_wrong_number_is_an_error() -> None:
+    rng = random.Random(4)
+    wrong_pads = 0
+    for problem in PROBLEMS * 3:
+        solution = task_solution(problem, rng, pad_rate=0.6, error_rate=0.3)
+        for k, step in enumerate(solution.steps):
+            if step.startswith("At the start,") and f" {problem.start} " not in step:
+                wrong_pads += 1
+                assert solution.labels[k] == 0
+    assert wrong_pads > 0
 
 
 def test_drill_rows_train_on_results_only(tiny_tokenizer_dir: Path) -> None:
