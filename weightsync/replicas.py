@@ -44,13 +44,15 @@ class ReplicaState:
     version: the newest version it confirmed (0: none yet).
     last_seen: time.time() of its last subscription, transfer or confirmation.
     watching: it holds a WatchVersions stream open now.
-    reported: the version it said it held when it last subscribed (not trusted).
+    reported / reported_run: the version, and its run, it said it held when it last subscribed
+        (not trusted; a fresh learner looks at the runs to see replicas of an earlier run).
     """
 
     version: int
     last_seen: float
     watching: bool
     reported: int = 0
+    reported_run: str = ""
 
 
 @dataclass
@@ -60,11 +62,12 @@ class _Record:
     watching: int = 0
     version: int = 0
     reported: int = 0
+    reported_run: str = ""
     complete: int = 0  # complete transfers seen
     sent: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # version -> merged ranges
 
     def state(self) -> ReplicaState:
-        return ReplicaState(self.version, self.last_seen, self.watching > 0, self.reported)
+        return ReplicaState(self.version, self.last_seen, self.watching > 0, self.reported, self.reported_run)
 
 
 def _merge(ranges: list[tuple[int, int]], start: int, stop: int) -> list[tuple[int, int]]:
@@ -102,8 +105,8 @@ class ReplicaBook:
             self._expire(time.time())
             return {rid: record.state() for rid, record in self._records.items()}
 
-    def subscribed(self, replica_id: str, reported: int) -> None:
-        """`replica_id` opened a WatchVersions stream, saying it holds `reported`."""
+    def subscribed(self, replica_id: str, reported: int, reported_run: str = "") -> None:
+        """`replica_id` opened a WatchVersions stream, saying it holds `reported` of `reported_run`."""
         now = time.time()
         with self._lock:
             record = self._records.get(replica_id)
@@ -111,7 +114,7 @@ class ReplicaBook:
                 self._expire(now, room_for=1)
                 record = self._records[replica_id] = _Record(subscribed_at=now, last_seen=now)
             record.watching += 1
-            record.reported, record.last_seen = int(reported), now
+            record.reported, record.reported_run, record.last_seen = int(reported), reported_run, now
         self._changed.notify()
 
     def unsubscribed(self, replica_id: str) -> None:

@@ -148,7 +148,7 @@ class WeightServicer(weights_pb2_grpc.WeightServiceServicer):
         if self.watchers >= self.max_watchers:
             raise Overloaded(f"{self.watchers} WatchVersions streams are open")
         self.watchers += 1
-        store.subscribed(request.replica_id, request.current_version)
+        store.subscribed(request.replica_id, request.current_version, request.run_id)
         try:
             # Headers go out at once, so that a subscriber knows the learner answered even when
             # it has nothing newer to announce.

@@ -22,6 +22,7 @@ never end on their own.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -30,6 +31,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from prometheus_client import Counter, Gauge, Histogram
@@ -37,6 +39,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from puremesh.contract.weights import MAX_VERSION, copy_into, lay_out
 from puremesh.weights.v1 import weights_pb2
 
+from . import runs
 from .broadcast import Broadcast
 from .checksums import checksums
 from .replicas import DEFAULT_MAX_RECORDS, DEFAULT_TTL_S, ConfirmRefused, ReplicaBook, ReplicaState
@@ -72,6 +75,9 @@ class WeightStore:
         hash_threads: threads that checksum a new version (0 = up to 4, one per core).
         bulk_chunk_bytes: the chunk size of the CRC-32s that check the bulk data plane.
         run_id: the learner run the versions belong to (announced with each).
+        run_file: where the run's highest published version is written before each version is
+            announced (runs.py); `published` is the highest one an earlier learner of this run
+            announced (`high_water`).
         max_buffers: model-size buffers at most (default retain + 1: one for a version evicted
             while a reader still holds it).
         revoke_wait_s: how long a publish waits for the readers of a revoked version.
@@ -86,6 +92,8 @@ class WeightStore:
         *,
         bulk_chunk_bytes: int = DEFAULT_BULK_CHUNK_BYTES,
         run_id: str = "",
+        run_file: Path | None = None,
+        published: int = 0,
         max_buffers: int | None = None,
         revoke_wait_s: float = DEFAULT_REVOKE_WAIT_S,
         replica_ttl_s: float = DEFAULT_TTL_S,
@@ -101,7 +109,7 @@ class WeightStore:
         self.retain, self.max_buffers, self.revoke_wait_s = retain, max_buffers, revoke_wait_s
         self.chunk_bytes = chunk_bytes
         self.bulk_chunk_bytes = bulk_chunk_bytes
-        self.run_id = run_id
+        self.run_id, self.run_file, self._published = run_id, run_file, published
         self._hash_threads = hash_threads or min(4, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.RLock()
@@ -137,6 +145,12 @@ class WeightStore:
     @property
     def current(self) -> VersionInfo | None:
         return self._current
+
+    @property
+    def high_water(self) -> int:
+        """The highest version this run ever announced, by this learner or a lost one before
+        it (runs.py): a resumed learner publishes above it."""
+        return max(self._published, self.current_version)
 
     @property
     def retained_versions(self) -> list[int]:
@@ -214,6 +228,8 @@ class WeightStore:
                 self.bulk_chunk_bytes,
             )  # fmt: skip
             info = self._info(int(version), total, len(chunks), len(manifest), whole)
+            if self.run_file is not None:  # written ahead: no replica hears of it before
+                runs.write(self.run_file, runs.RunRecord(self.run_id, max(self.high_water, info.version)))
             with self._lock:
                 self._check_version(version)
                 self._versions[info.version] = StoredVersion(info, manifest, storage, chunks, crcs)
@@ -302,8 +318,26 @@ class WeightStore:
 
     # ------------------------------------------------------------------ replicas
 
-    def subscribed(self, replica_id: str, reported: int) -> None:
-        self._replicas.subscribed(replica_id, reported)
+    def subscribed(self, replica_id: str, reported: int, reported_run: str = "") -> None:
+        self._replicas.subscribed(replica_id, reported, reported_run)
+
+    async def other_runs(self, expected: int, timeout: float) -> list[str]:
+        """The watching replicas that hold another run's weights (a fresh learner checks this
+        before its first step), once `expected` replicas watch or after `timeout` s."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    epoch = self._changed.epoch
+                    if sum(state.watching for state in self.replicas.values()) >= expected:
+                        break
+                    await self._changed.wait(epoch)
+        except TimeoutError:
+            pass
+        return sorted(
+            rid
+            for rid, state in self.replicas.items()
+            if state.watching and state.reported_run != self.run_id and (state.reported_run or state.reported)
+        )
 
     def unsubscribed(self, replica_id: str) -> None:
         self._replicas.unsubscribed(replica_id)
