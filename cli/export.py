@@ -14,11 +14,10 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from puremesh.trainer import checkpoint
-from puremesh.trainer.safe_dcp import SafePlanner, SafeReader, UnsafeCheckpoint
+from puremesh.trainer.safe_dcp import UnsafeCheckpoint
 from puremesh.trainer.settings import PolicyDtype
 
 from .errors import CliError
@@ -65,12 +64,7 @@ def export(source: Path, out: Path, dtype: PolicyDtype = PolicyDtype.FLOAT32) ->
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.to_empty(device="cpu")
         state = model.state_dict()
-        dcp.load(
-            {"model": state},
-            storage_reader=SafeReader(str(found / checkpoint.WEIGHTS_DIR)),
-            planner=SafePlanner(),
-            no_dist=True,
-        )
+        checkpoint.load_shards({"model": state}, found, no_dist=True)
     except (checkpoint.CheckpointMismatch, UnsafeCheckpoint, OSError, ValueError) as error:
         raise CliError(f"{found}: cannot export ({error})", exit_code=1) from None
     model.load_state_dict(state, strict=False)  # the tensors were filled in place; ties stay tied

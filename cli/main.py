@@ -21,10 +21,10 @@ _sleeping_openmp_workers_for_the_prm_service(sys.argv[1:])
 
 from puremesh import __version__  # noqa: E402
 
-from . import bootstrap, clients, credit, demo, prm_train, probe, serve, train  # noqa: E402
+from . import bootstrap, clients, credit, demo, export, prm_train, probe, serve, train  # noqa: E402
 from .errors import CliError  # noqa: E402
 
-COMMANDS = (credit, demo, bootstrap, prm_train, serve, clients, probe, train)
+COMMANDS = (credit, demo, bootstrap, prm_train, serve, clients, probe, train, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

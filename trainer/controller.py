@@ -112,14 +112,14 @@ class Controller:
 
     def checkpoint(self, state: checkpoint.TrainingState) -> Path:
         self.ranks.send(Command.CHECKPOINT, {"step": state.step})
-        trainable = self.require()
+        settings = self.settings
         return checkpoint.save(
-            self.settings.out_dir,
-            trainable,
+            settings.out_dir,
+            self.require(),
             self.ranks,
             state,
-            trainable.tokenizer,
-            self.settings.keep_checkpoints,
+            settings.policy_path,
+            settings.keep_checkpoints,
         )
 
     def stop(self, error: str = "") -> None:
@@ -134,15 +134,16 @@ class Controller:
 
 def _update(settings: LearnerSettings, trainable: Trainable, experience: Experience, ranks: Ranks) -> dict:
     config = UpdateSettings(settings.algo, settings.optim, settings.memory)
-    return ppo_update(
-        trainable.model,
-        trainable.reference,
-        trainable.optimizer,
-        experience,
-        config,
-        trainable.generator,
-        ranks,
-    )
+    with ranks.guard("an update"):
+        return ppo_update(
+            trainable.model,
+            trainable.reference,
+            trainable.optimizer,
+            experience,
+            config,
+            trainable.generator,
+            ranks,
+        )
 
 
 def follow(settings: LearnerSettings, ranks: Ranks) -> list[Record]:

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from puremesh.contract.sampling import SamplingSpec
@@ -29,13 +28,14 @@ from puremesh.weightsync.store import WeightStore
 from . import checkpoint, metrics
 from .backends import AnswerVerifier, RolloutBackend, StepScorer
 from .collector import Collector, CollectStats, ScoredGroup
-from .data import Problem, ProblemStream, format_prompt, load_problems
-from .policy import load_policy, named_weights
+from .controller import Controller, Trainable
+from .data import Problem, ProblemStream, load_problems
+from .heldout import evaluate
+from .ranks import RankFailure, Ranks, current_ranks, start_ranks
 from .settings import LearnerSettings
-from .update import build_experience, ppo_update
+from .update import build_experience
 
 log = logging.getLogger(__name__)
-EVAL_CONCURRENCY = 64
 REPLICA_SYNC_TIMEOUT_S = 120.0
 
 
@@ -63,22 +63,39 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
 
 
+RESULT_FILE = "result.json"
+
+
+def write_result(out_dir: Path, result: RunResult) -> None:
+    """OUT/result.json: the run's RunResult (how `--nproc-per-node` launches hand it back)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RESULT_FILE).write_text(json.dumps(asdict(result)))
+
+
+def read_result(out_dir: Path) -> RunResult:
+    return RunResult(**json.loads((Path(out_dir) / RESULT_FILE).read_text()))
+
+
 @dataclass
 class Learner:
-    """What the loop carries from step to step."""
+    """What the loop carries from step to step (on rank 0, the controller)."""
 
     settings: LearnerSettings
-    model: Any
-    tokenizer: Any
-    reference: Any  # None when kl_coef == 0
-    optimizer: torch.optim.Optimizer
-    generator: torch.Generator
+    controller: Controller
     stream: ProblemStream
     journal: metrics.JsonlLog
     heldout: list[Problem]
     step: int = 0
     version: int = 0
     resumed: bool = False
+
+    @property
+    def trainable(self) -> Trainable:
+        return self.controller.require()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.trainable.tokenizer
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]
@@ -91,11 +108,43 @@ async def train(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[dict], object] | None = None,
+    ranks: Ranks | None = None,
 ) -> RunResult:
     """Train to `settings.steps` (from the last checkpoint when resuming), with the held-out
-    evaluation before and after; `on_step` gets each step's record (and is awaited if async)."""
+    evaluation before and after; `on_step` gets each step's record (and is awaited if async).
+    This is rank 0's loop; `ranks` (default: a world of one for the run) are the learner's
+    ranks, the others running trainer/controller.py's `follow`. Writes OUT/result.json."""
+    own = ranks is None and current_ranks() is None
+    ranks = ranks or start_ranks(settings.distributed, settings.device)
+    controller = Controller(settings, ranks)
+    error = ""
+    try:
+        result = await _train(settings, mesh, controller, resume, progress, on_step)
+        write_result(Path(settings.out_dir), result)
+        return result
+    except RankFailure:
+        error = "skip"  # the other ranks cannot be reached: nothing to send them
+        raise
+    except BaseException as failure:
+        error = f"{type(failure).__name__}: {failure}"[:500] or "failed"
+        raise
+    finally:
+        if error != "skip":
+            await asyncio.to_thread(controller.stop, error)
+        if own:
+            ranks.close()
+
+
+async def _train(
+    settings: LearnerSettings,
+    mesh: Mesh,
+    controller: Controller,
+    resume: bool,
+    progress: bool,
+    on_step: Callable[[dict], object] | None,
+) -> RunResult:
     began = time.perf_counter()
-    learner = await start(settings, mesh, resume)
+    learner = await start(settings, mesh, resume, controller)
     result = RunResult(
         steps=learner.step,
         version=learner.version,
@@ -157,45 +206,30 @@ async def train_step(learner: Learner, mesh: Mesh, collector: Collector) -> dict
 # --- phases ---------------------------------------------------------------------------------
 
 
-async def start(settings: LearnerSettings, mesh: Mesh, resume: bool) -> Learner:
-    """Load the policy (from the last checkpoint when resuming) and everything around it."""
-    torch.manual_seed(settings.seed)
-    generator = torch.Generator().manual_seed(settings.seed)
+async def start(settings: LearnerSettings, mesh: Mesh, resume: bool, controller: Controller) -> Learner:
+    """Build the sharded policy on every rank (from the last checkpoint when resuming) and
+    everything around it."""
     out = Path(settings.out_dir)
     found = checkpoint.latest(out) if resume else None
-    model, tokenizer = load_policy(
-        found / checkpoint.POLICY_DIR if found else settings.policy_path, settings.device, settings.dtype
-    )
-    reference = None
-    if settings.algo.kl_coef > 0:
-        reference, _ = load_policy(settings.policy_path, settings.device, settings.dtype, trainable=False)
-    optimizer = torch.optim.Adam(
-        model.parameters(),
-        lr=settings.optim.lr,
-        betas=settings.optim.betas,
-        weight_decay=settings.optim.weight_decay,
-    )
+    state = await asyncio.to_thread(controller.load, found)
     problems = load_problems(settings.train_path)
     heldout = (
         load_problems(settings.eval.heldout_path)[: settings.eval.n_eval]
         if settings.eval.heldout_path
         else []
     )
-    learner = Learner(
-        settings, model, tokenizer, reference, optimizer, generator,
-        ProblemStream(problems, seed=settings.seed), metrics.JsonlLog(out / "metrics.jsonl"), heldout,
-    )  # fmt: skip
-    if found:
-        state = checkpoint.load_state(found)
-        optimizer.load_state_dict(state.optimizer)
-        checkpoint.restore_rng(state.rng, generator)
+    stream = ProblemStream(problems, seed=settings.seed)
+    learner = Learner(settings, controller, stream, metrics.JsonlLog(out / "metrics.jsonl"), heldout)
+    if state is not None:
         learner.stream = ProblemStream.from_state(problems, state.data_position)
         learner.step, learner.resumed = state.step, True
         # Replicas may hold versions the lost learner published after this checkpoint: publish the
         # checkpoint's weights under a version newer than anything they report.
         seen = await _replicas_at(mesh, 0, all_expected=True)
         learner.version = max([state.version, *(replica.version for replica in seen.values())]) + 1
-        mesh.publisher.publish(learner.version, named_weights(model))
+        weights = await asyncio.to_thread(controller.gather)
+        await asyncio.to_thread(mesh.publisher.publish, learner.version, weights)
+        del weights
         await _replicas_at(mesh, learner.version)
         log.info("resumed from %s at step %d as version %d", found, learner.step, learner.version)
     return learner
@@ -218,25 +252,24 @@ def make_collector(learner: Learner, mesh: Mesh) -> Collector:
 
 
 async def update(learner: Learner, groups: list[ScoredGroup]) -> dict[str, float]:
-    """Assign credit and run PPO (off the event loop, so the collector keeps streaming)."""
+    """Assign credit and run PPO on every rank (off the event loop, so the collector keeps
+    streaming)."""
     experience = build_experience(groups, learner.tokenizer.pad_token_id or 0, learner.version)
-    settings = learner.settings
+    position = list(learner.stream.position)
     return await asyncio.to_thread(
-        ppo_update,
-        learner.model,
-        learner.reference or learner.model,
-        learner.optimizer,
-        experience,
-        settings.algo,
-        settings.optim,
-        learner.generator,
+        learner.controller.update, experience, learner.step + 1, learner.version, position
     )
 
 
 async def publish(learner: Learner, mesh: Mesh) -> None:
-    """Publish version v+1; on-policy training waits until the replicas hold it."""
+    """Publish version v+1 (the full weights, gathered from the ranks); on-policy training
+    waits until the replicas hold it."""
     learner.version += 1
-    published = await asyncio.to_thread(mesh.publisher.publish, learner.version, named_weights(learner.model))
+
+    def gather_and_publish():
+        return mesh.publisher.publish(learner.version, learner.controller.gather())
+
+    published = await asyncio.to_thread(gather_and_publish)
     metrics.PUBLISH_BYTES.set(published.total_bytes)
     if learner.settings.sampling.max_staleness == 0:  # the next step samples from this version only
         await _replicas_at(mesh, learner.version)
@@ -268,17 +301,16 @@ def checkpoint_due(learner: Learner) -> bool:
 
 
 async def save_checkpoint(learner: Learner) -> None:
-    state = checkpoint.TrainingState(learner.step, learner.version, learner.stream.state())
-    await asyncio.to_thread(
-        checkpoint.save,
-        Path(learner.settings.out_dir),
-        learner.model,
-        learner.tokenizer,
-        learner.optimizer,
-        state,
-        learner.generator,
-        learner.settings.keep_checkpoints,
+    model = learner.trainable.model
+    state = checkpoint.TrainingState(
+        learner.step,
+        learner.version,
+        learner.stream.state(),
+        world_size=learner.controller.ranks.world,
+        dtype=str(learner.settings.dtype),
+        tensors=checkpoint.parameter_shapes(model),
     )
+    await asyncio.to_thread(learner.controller.checkpoint, state)
 
 
 def record_step(learner: Learner, stats: dict, phases: dict[str, float]) -> dict:
@@ -306,22 +338,6 @@ async def evaluate_heldout(learner: Learner, mesh: Mesh, result: RunResult, when
     result.history.append(record)
     log.info("held-out greedy accuracy %s training: %.3f +- %.3f", when, accuracy, stderr)
     return accuracy, stderr
-
-
-async def evaluate(mesh: Mesh, problems: list[Problem], encode, max_new_tokens: int, version: int):
-    """Greedy accuracy on `problems` (the rollout replicas hold `version`): (accuracy, stderr)."""
-    greedy = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
-    gate = asyncio.Semaphore(EVAL_CONCURRENCY)
-
-    async def one(problem: Problem) -> bool:
-        async with gate:
-            [sample] = await mesh.rollout.generate(encode(format_prompt(problem.question)), greedy, version)
-            [verdict] = await mesh.verifier.verify([sample.text], problem.answer)
-            return verdict.solved
-
-    correct = await asyncio.gather(*(one(p) for p in problems))
-    accuracy = sum(correct) / len(correct)
-    return accuracy, math.sqrt(accuracy * (1 - accuracy) / len(correct))
 
 
 # --- helpers --------------------------------------------------------------------------------

@@ -1,25 +1,21 @@
-"""The trainable policy: loading, per-token log-probabilities of responses, named weights."""
+"""The policy's view of a rollout batch: packed sequences and per-token log-probabilities.
+
+`response_logprobs` runs one micro-batch (trainer/batching.py cuts them by a token budget). It
+asks the model for the logits of the response positions only (`logits_to_keep`, a 1-D index of
+the columns from the first to the last predicting position of the micro-batch), so the largest
+[rows, columns, vocab] tensor is one micro-batch's, never the batch's.
+Loading and sharding are trainer/sharding.py's.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
-def load_policy(path: str | Path, device: str = "cpu", dtype: str = "float32", trainable: bool = True):
-    """(model, tokenizer) from a LOCAL directory (no downloads)."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), local_files_only=True, dtype=getattr(torch, dtype)
-    )
-    model.to(device)
-    model.train(trainable)
-    if not trainable:
-        model.requires_grad_(False)
-    return model, tokenizer
+# Module attributes that hold a dropout probability (nn.Dropout's `p`, and the float that
+# transformers' attention modules pass to their attention kernel).
+DROPOUT_ATTRIBUTES = ("attention_dropout", "dropout", "hidden_dropout", "resid_dropout")
 
 
 @dataclass(frozen=True)
@@ -37,28 +33,31 @@ class SequenceBatch:
     response_mask: torch.Tensor
     positions: torch.Tensor
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.input_ids, self.attention_mask, self.response_ids, self.response_mask, self.positions)
+
     def to(self, device: str | torch.device) -> SequenceBatch:
-        return SequenceBatch(
-            *(
-                t.to(device)
-                for t in (
-                    self.input_ids,
-                    self.attention_mask,
-                    self.response_ids,
-                    self.response_mask,
-                    self.positions,
-                )
-            )
-        )
+        return SequenceBatch(*(t.to(device) for t in self.tensors()))
 
     def rows(self, index: torch.Tensor) -> SequenceBatch:
+        """The rows `index`, trimmed to their own longest sequence and response."""
+        index = index.to(self.input_ids.device)
+        lengths = self.attention_mask[index].sum(-1)
+        width = self.response_mask[index].sum(-1)
+        total = int(lengths.max()) if len(index) else 0
+        responses = int(width.max()) if len(index) else 0
         return SequenceBatch(
-            self.input_ids[index],
-            self.attention_mask[index],
-            self.response_ids[index],
-            self.response_mask[index],
-            self.positions[index],
+            self.input_ids[index, :total],
+            self.attention_mask[index, :total],
+            self.response_ids[index, :responses],
+            self.response_mask[index, :responses],
+            self.positions[index, :responses],
         )
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[B] tokens of each packed sequence (prompt + response)."""
+        return self.attention_mask.sum(-1)
 
 
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> SequenceBatch:
@@ -84,23 +83,37 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> S
     return SequenceBatch(input_ids, attention_mask, response_ids, response_mask, positions)
 
 
-def response_logprobs(model, batch: SequenceBatch, chunk_rows: int = 64) -> torch.Tensor:
-    """log pi(response token | prefix) for every response token: [B, L] (0 on padding).
+def response_logprobs(model, batch: SequenceBatch) -> torch.Tensor:
+    """log pi(response token | prefix) of every response token of one micro-batch: [b, l] float32
+    (0 on padding). Keeps the graph when grad is on.
 
-    Runs in row chunks to bound the [rows, T, vocab] logits; keeps the graph when grad is on.
+    Only the logits of the columns first..last predicting position are computed: [b, kept, V].
     """
-    pieces = []
-    for start in range(0, batch.input_ids.shape[0], chunk_rows):
-        part = batch.rows(torch.arange(start, min(start + chunk_rows, batch.input_ids.shape[0])))
-        logits = model(input_ids=part.input_ids, attention_mask=part.attention_mask).logits
-        picked = logits.gather(1, part.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        logp = (
-            torch.log_softmax(picked.float(), dim=-1).gather(-1, part.response_ids.unsqueeze(-1)).squeeze(-1)
-        )
-        pieces.append(logp.masked_fill(~part.response_mask, 0.0))
-    return torch.cat(pieces)
+    valid = batch.response_mask
+    first = int(batch.positions[valid].min())
+    last = int(batch.positions[valid].max())
+    keep = torch.arange(first, last + 1, device=batch.input_ids.device)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
+    # Column c predicts input token first + c + 1: its log-prob is that logit minus the logsumexp.
+    following = batch.input_ids[:, first + 1 : last + 2]
+    chosen = logits.gather(-1, following.unsqueeze(-1)).squeeze(-1).float()
+    per_column = chosen - torch.logsumexp(logits.float(), dim=-1)  # [b, kept]
+    columns = (batch.positions - first).clamp(min=0, max=last - first)
+    return per_column.gather(1, columns).masked_fill(~valid, 0.0)
 
 
-def named_weights(model) -> list[tuple[str, torch.Tensor]]:
-    """The policy's weights under their checkpoint names, as rollout engines load them."""
-    return [(name, parameter.detach()) for name, parameter in model.named_parameters()]
+def disable_dropout(model) -> int:
+    """Set every dropout probability of `model` to 0 (nn.Dropout and the attention modules'
+    float attributes in DROPOUT_ATTRIBUTES); returns how many were nonzero."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            changed += module.p > 0
+            module.p = 0.0
+            continue
+        for name in DROPOUT_ATTRIBUTES:
+            value = getattr(module, name, None)
+            if isinstance(value, float) and not isinstance(value, bool):
+                changed += value > 0
+                setattr(module, name, 0.0)
+    return changed

@@ -34,6 +34,8 @@ import torch.distributed as dist
 from .settings import DistributedBackend, DistributedSettings
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# How gloo and NCCL name a failed collective in the RuntimeErrors they raise.
+COLLECTIVE_MARKS = ("/gloo/", "NCCL", "Connection closed by peer", "Connection reset by peer")
 # Dtypes a message may carry (the JSON names them; nothing else is decoded).
 MESSAGE_DTYPES = {
     str(dtype).removeprefix("torch."): dtype
@@ -117,7 +119,9 @@ class Ranks:
         """Turn a failed collective into one RankFailure line naming this rank and `what`."""
         try:
             yield
-        except dist.DistError as error:
+        except (dist.DistError, RuntimeError) as error:
+            if not is_collective_failure(error):
+                raise
             bound = timeout or self.settings.collective_timeout_seconds
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise RankFailure(
@@ -131,6 +135,15 @@ class Ranks:
             dist.destroy_process_group()
             self.owned = False
         _CURRENT[:] = [ranks for ranks in _CURRENT if ranks is not self]
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether `error` is a failed collective: torch.distributed's own errors, and the
+    RuntimeErrors gloo and NCCL raise for a closed connection or a timeout."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(mark in text for mark in COLLECTIVE_MARKS)
 
 
 def under_torchrun() -> bool:

@@ -18,12 +18,15 @@ from .algo.options import (
     DEFAULT_KL_COEF,
     DEFAULT_KL_ESTIMATOR,
     DEFAULT_NORMALIZE,
+    DEFAULT_OFF_POLICY_CORRECTION,
     DEFAULT_REWARD_MODE,
     DEFAULT_TEMPERATURE,
+    DEFAULT_TIS_CAP,
     DEFAULT_VR_COEF,
     BaselineKind,
     CreditMethod,
     KlEstimator,
+    OffPolicyCorrection,
     RewardMode,
 )
 
@@ -31,10 +34,20 @@ ENV_PREFIX = "PUREMESH_LEARNER__"
 
 
 class PolicyDtype(StrEnum):
-    """Floating-point type of the policy's (and reference's) weights; the torch dtype's name."""
+    """Compute dtype of the policy's forward and backward passes (and of the reference and the
+    published weights); the torch dtype's name. Master weights and optimizer state stay float32
+    (trainer/sharding.py)."""
 
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
+
+
+class DistributedBackend(StrEnum):
+    """torch.distributed backend of the learner's ranks; auto = nccl on CUDA, gloo on CPU."""
+
+    AUTO = "auto"
+    GLOO = "gloo"
+    NCCL = "nccl"
 
 
 class AlgoSettings(FrozenSettings):
@@ -51,6 +64,17 @@ class AlgoSettings(FrozenSettings):
     vr_coef: float = Field(DEFAULT_VR_COEF, ge=0, description="verifiable-reward coefficient")
     normalize: bool = Field(DEFAULT_NORMALIZE, description="batch normalisation of advantages")
     clip_eps: float = Field(DEFAULT_CLIP_EPS, gt=0, lt=1, description="PPO ratio clip")
+    off_policy_correction: OffPolicyCorrection = Field(
+        DEFAULT_OFF_POLICY_CORRECTION,
+        description="weight of each token's PPO term against the behaviour log-probs the rollout "
+        "returned: none, or tis (truncated importance sampling, trainer/algo/offpolicy.py)",
+    )
+    tis_cap: float = Field(DEFAULT_TIS_CAP, ge=1, description="C: the cap of the tis importance weights")
+    update_dropout: bool = Field(
+        False,
+        description="dropout in the PPO update's forward passes; off by default, so the update "
+        "starts at ratio 1. The old and reference log-prob passes never use dropout",
+    )
 
 
 class OptimSettings(FrozenSettings):
@@ -115,6 +139,38 @@ class WeightServerSettings(FrozenSettings):
     )
 
 
+class DistributedSettings(FrozenSettings):
+    """The learner's ranks (trainer/ranks.py): one under `puremesh up/train`, N under torchrun."""
+
+    backend: DistributedBackend = DistributedBackend.AUTO
+    collective_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="bound of every collective of an update, publish or checkpoint (and of the "
+        "rendezvous): a rank that died or hung ends the run with an error after at most this long",
+    )
+    command_timeout_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="how long ranks other than 0 wait for rank 0's next command: longer than a "
+        "step's collection plus a held-out evaluation",
+    )
+
+
+class MemorySettings(FrozenSettings):
+    """What bounds the learner's memory (trainer/batching.py, trainer/sharding.py)."""
+
+    micro_batch_tokens: int = Field(
+        16384,
+        ge=1,
+        description="token budget of one forward (and backward) pass: rows x padded length; "
+        "gradients accumulate over a minibatch's micro-batches. A longer row runs alone",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward pass"
+    )
+
+
 class EvalSettings(FrozenSettings):
     heldout_path: str = Field("", description="held-out problems (JSONL or parquet); empty = no eval")
     n_eval: int = Field(500, ge=1)
@@ -128,7 +184,9 @@ class LearnerSettings(FrozenSettings):
     out_dir: str = Field("runs/latest", description="checkpoints, metrics.jsonl")
     steps: int = Field(100, ge=1)
     seed: int = 0
-    device: str = "cpu"
+    device: str = Field(
+        "cpu", description='"cpu" or "cuda" (each rank takes cuda:LOCAL_RANK; "cuda:N" pins one rank)'
+    )
     dtype: PolicyDtype = PolicyDtype.FLOAT32
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
@@ -139,6 +197,8 @@ class LearnerSettings(FrozenSettings):
     endpoints: EndpointSettings = EndpointSettings()
     weights: WeightServerSettings = WeightServerSettings()
     eval: EvalSettings = EvalSettings()
+    distributed: DistributedSettings = DistributedSettings()
+    memory: MemorySettings = MemorySettings()
 
     @model_validator(mode="after")
     def _check(self) -> LearnerSettings:

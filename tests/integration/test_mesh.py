@@ -20,6 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from puremesh.cli.export import export
 from puremesh.cli.process_mesh import run_mesh
 from puremesh.cli.run_settings import RunSettings
 from puremesh.services.rollout.client import RolloutClient
@@ -97,7 +98,7 @@ async def test_training_survives_a_killed_replica_and_syncs_the_rest(
     evaluations = [r for r in result.history if "heldout_accuracy" in r]
     assert [r["step"] for r in evaluations] == [0, 5] and result.n_eval == 4
     before = weights(tiny_policy_dir)
-    after = weights(tmp_path / "run" / "checkpoints" / "step-000005" / "policy")
+    after = weights(export(tmp_path / "run" / "checkpoints" / "step-000005", tmp_path / "exported"))
     changed = [name for name in before if not torch.equal(before[name], after[name])]
     assert len(changed) > len(before) // 2, "PPO steps should change most weights"
 
@@ -140,7 +141,7 @@ def test_killed_learner_resumes_from_its_checkpoint(
         records[0]["data_position"][1] == (position_at_checkpoint[1] + 3) % 100
         or records[0]["data_position"][0] > 0
     )
-    assert (out / "checkpoints" / "step-000006" / "state.pt").exists()
+    assert (out / "checkpoints" / "step-000006" / "training_state.json").exists()
     # the resumed policy version is newer than anything the first learner published
     assert records[0]["version"] > max(r["version"] for r in first_run if "version" in r)
     # the killed learner's services did not outlive it
