@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from puremesh.rpc.server import ServiceHost
 from puremesh.rpc.settings import ServerSettings, log_settings
+from puremesh.trainer import checkpoint
+from puremesh.trainer.failover import ServiceUnreachable
 from puremesh.trainer.loop import Mesh, RunResult, train
 from puremesh.trainer.settings import LearnerSettings, WeightServerSettings
+from puremesh.weightsync import runs
 from puremesh.weightsync.bulk_server import BulkServer
 from puremesh.weightsync.servicer import WeightServicer, weight_service
 from puremesh.weightsync.store import WeightStore
 
 from .adapters import MeshRollout, MeshScorer, MeshVerifier
+from .errors import CliError
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +35,13 @@ async def learn(
     progress: bool = True,
     on_step=None,
 ) -> RunResult:
-    """Host the WeightService, connect to the services, train."""
-    store, bulk = weight_store(learner.weights)
+    """Host the WeightService, connect to the services, train. A service that stays
+    unreachable (trainer/failover.py) ends the run with one line naming it (CliError)."""
+    out = Path(learner.out_dir)
+    run = runs.open_run(out, checkpoint.latest(out) if resume else None)
+    store, bulk = weight_store(learner.weights, run, out / runs.RUN_FILE)
     host = ServiceHost(
-        [weight_service(WeightServicer(store))],
+        [weight_service(weight_servicer(store, learner.weights))],
         ServerSettings(
             host=learner.weights.host, port=learner.weights.port, metrics_port=learner.metrics_port
         ),
@@ -49,17 +57,19 @@ async def learn(
     try:
         if on_weights_ready is not None:
             learner = await on_weights_ready(host.target, learner)
-        timeout = learner.endpoints.call_timeout_seconds
-        apps = learner.endpoints.applications
+        endpoints = learner.endpoints
+        timeout, apps, policy = endpoints.call_timeout_seconds, endpoints.applications, endpoints.failover
         mesh = Mesh(
-            MeshRollout(learner.endpoints.rollout, timeout, apps.get("rollout", "")),
-            MeshScorer(learner.endpoints.prm, timeout, apps.get("prm", "")),
-            MeshVerifier(learner.endpoints.verify, timeout, apps.get("verify", "")),
+            MeshRollout(endpoints.rollout, timeout, apps.get("rollout", ""), policy, run.run_id),
+            MeshScorer(endpoints.prm, timeout, apps.get("prm", ""), policy),
+            MeshVerifier(endpoints.verify, timeout, apps.get("verify", ""), policy),
             store,
             replicas=replicas,
         )
         try:
             return await train(learner, mesh, resume=resume, progress=progress, on_step=on_step)
+        except ServiceUnreachable as error:
+            raise CliError(f"training stopped: {error}", exit_code=1) from None
         finally:
             await asyncio.gather(
                 mesh.rollout.pool.close(), mesh.scorer.pool.close(), mesh.verifier.pool.close()
@@ -69,19 +79,51 @@ async def learn(
         await host.drain(grace=1)
 
 
-def weight_store(weights: WeightServerSettings) -> tuple[WeightStore, BulkServer | None]:
-    """The learner's version store and, when `weights.bulk`, its bulk data plane (bound now),
-    announced with every version."""
+def weight_store(
+    weights: WeightServerSettings, run: runs.RunRecord | None = None, run_file: Path | None = None
+) -> tuple[WeightStore, BulkServer | None]:
+    """The learner's version store of `run` (whose highest version goes to `run_file` before each
+    announcement) and, when `weights.bulk`, its bulk data plane (bound now), announced with every
+    version; both within `weights.limits`."""
+    limits = weights.limits
     store = WeightStore(
         retain=weights.retain_versions,
         chunk_bytes=weights.chunk_bytes,
         bulk_chunk_bytes=weights.bulk_chunk_bytes,
+        run_id=run.run_id if run else "",
+        run_file=run_file,
+        published=run.published if run else 0,
+        max_buffers=limits.max_buffers or None,
+        revoke_wait_s=limits.revoke_wait_seconds,
+        replica_ttl_s=limits.replica_ttl_seconds,
+        max_replica_records=limits.max_replica_records,
     )
     if not weights.bulk:
         return store, None
-    bulk = BulkServer(store, weights.host, weights.bulk_port)
+    bulk = BulkServer(
+        store,
+        weights.host,
+        weights.bulk_port,
+        max_connections=limits.max_bulk_connections,
+        max_connections_per_peer=limits.max_bulk_connections_per_peer,
+        header_timeout_s=limits.bulk_header_timeout_seconds,
+        idle_timeout_s=limits.bulk_idle_timeout_seconds,
+        transfer_grace_s=limits.transfer_grace_seconds,
+        min_bytes_per_second=limits.min_transfer_bytes_per_second,
+    )
     store.offer_bulk(bulk.port, weights.bulk_advertise_host)
     return store, bulk
+
+
+def weight_servicer(store: WeightStore, weights: WeightServerSettings) -> WeightServicer:
+    limits = weights.limits
+    return WeightServicer(
+        store,
+        limits.max_watchers,
+        limits.max_fetches,
+        transfer_grace_s=limits.transfer_grace_seconds,
+        min_bytes_per_second=limits.min_transfer_bytes_per_second,
+    )
 
 
 def close_weights(store: WeightStore, bulk: BulkServer | None) -> None:

@@ -22,7 +22,7 @@ async def run_mesh(
 ) -> RunResult:
     """`puremesh up`: WeightService first (replicas subscribe to it), then the services, then train."""
     learner, layout = settings.learner, settings.mesh
-    local = LocalMesh(Path(learner.out_dir) / "mesh")
+    local = LocalMesh(Path(learner.out_dir) / "mesh", supervision=layout.supervision)
 
     async def start_services(weights_target: str, learner: LearnerSettings) -> LearnerSettings:
         rollout = {"model_path": learner.policy_path, **layout.rollout, "weights_target": weights_target}

@@ -12,6 +12,7 @@ from puremesh.rpc.settings import FrozenSettings, SettingsError, load_settings
 from puremesh.trainer.settings import LearnerSettings
 
 from .errors import CliError
+from .launcher import SupervisionSettings
 
 ENV_PREFIX = "PUREMESH__"
 
@@ -40,6 +41,10 @@ class MeshLayout(FrozenSettings):
     prm: dict[str, Any] = Field(default_factory=dict, description="PrmSettings (model_path required)")
     verify: dict[str, Any] = Field(default_factory=dict, description="VerifySettings")
     ray: RayLayout = Field(default_factory=RayLayout, description="only for `puremesh up --ray`")
+    supervision: SupervisionSettings = Field(
+        default_factory=SupervisionSettings,
+        description="restarting the local services that die (cli/launcher.py); not for --ray",
+    )
 
     def service(self, name: str) -> dict[str, Any]:
         """The settings fields of service `name` (contract/services.py ServiceName)."""

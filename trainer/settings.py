@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from puremesh.contract.services import ServiceName
 from puremesh.rpc.settings import FrozenSettings
+from puremesh.weightsync.limits import WeightPlaneLimits
 
 from .algo.options import (
     DEFAULT_BASELINE,
@@ -29,6 +30,7 @@ from .algo.options import (
     OffPolicyCorrection,
     RewardMode,
 )
+from .failover import FailoverSettings
 
 ENV_PREFIX = "PUREMESH_LEARNER__"
 
@@ -102,7 +104,11 @@ class EndpointSettings(FrozenSettings):
     rollout: list[str] = Field(default_factory=list)
     prm: list[str] = Field(default_factory=list)
     verify: list[str] = Field(default_factory=list)
-    call_timeout_seconds: float = Field(600.0, gt=0, description="deadline of each service call")
+    call_timeout_seconds: float = Field(600.0, gt=0, description="deadline of each attempt of a service call")
+    failover: FailoverSettings = Field(
+        default_factory=FailoverSettings,
+        description="bounded fail-over and the failure policy (trainer/failover.py)",
+    )
     applications: dict[ServiceName, str] = Field(
         default_factory=dict,
         description="Ray Serve application per service when its targets are Ray Serve gRPC proxies, "
@@ -136,6 +142,10 @@ class WeightServerSettings(FrozenSettings):
         "",
         description="host announced for the bulk port; empty = each replica connects to the host of "
         "its own weights_target (e.g. the learner Service's name)",
+    )
+    limits: WeightPlaneLimits = Field(
+        default_factory=WeightPlaneLimits,
+        description="memory, thread and time bounds of the weight plane (weightsync/limits.py)",
     )
 
 

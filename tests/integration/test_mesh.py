@@ -64,17 +64,17 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
 async def test_training_survives_a_killed_replica_and_syncs_the_rest(
     tiny_policy_dir, tiny_prm_dir, addition_problems, tmp_path
 ):
-    config = RunSettings.model_validate(
-        settings(
-            tiny_policy_dir,
-            tiny_prm_dir,
-            addition_problems,
-            tmp_path / "run",
-            5,
-            2,
-            eval={"heldout_path": str(addition_problems), "n_eval": 4, "max_new_tokens": 12},
-        )
+    raw = settings(
+        tiny_policy_dir,
+        tiny_prm_dir,
+        addition_problems,
+        tmp_path / "run",
+        5,
+        2,
+        eval={"heldout_path": str(addition_problems), "n_eval": 4, "max_new_tokens": 12},
     )
+    raw["mesh"]["supervision"] = {"restart": False}  # the killed replica stays dead here
+    config = RunSettings.model_validate(raw)
     mesh = {}
     statuses = {}
 
