@@ -81,6 +81,7 @@ class _Prompt:
     problem: Problem
     key: Key
     attempt: int = 1
+    pause_s: float = 0.0  # before a retried attempt starts: retries never spin
 
 
 class Collector:
@@ -107,7 +108,9 @@ class Collector:
         self.max_staleness = max_staleness
         self.run_id = run_id
         self.ledger = ledger
-        self.max_attempts = (failover or FailoverSettings()).max_group_attempts
+        policy = failover or FailoverSettings()
+        self.max_attempts = policy.max_group_attempts
+        self.backoff = (policy.initial_backoff_seconds, policy.max_backoff_seconds)
         self.version = 0  # the learner's current policy version
         self._ready: asyncio.Queue[ScoredGroup | None] = asyncio.Queue()
         self._tasks: dict[asyncio.Task, _Prompt] = {}
@@ -148,7 +151,7 @@ class Collector:
     def _usable(self, group: ScoredGroup) -> bool:
         """Whether to train on `group`; if not, it is discarded (ledger) and counted."""
         version = self.version
-        if any(s.run_id != self.run_id or s.policy_version > version for s in group.samples):
+        if any(not self._of_this_run(s) or s.policy_version > version for s in group.samples):
             self.stats.dropped_other_run += 1
             metrics.DROPPED_SAMPLES.labels("other_run").inc(len(group.samples))
             self._note("discarded", group.key, attempt=group.attempt, reason="other_run")
@@ -162,6 +165,11 @@ class Collector:
             self._note("abandoned", group.key, reason="stale")
             return False
         return True
+
+    def _of_this_run(self, sample: Sample) -> bool:
+        """A sample of the learner's run, or of the weights from disk (version 0, no run): the
+        policy a fresh run starts from."""
+        return sample.run_id == self.run_id or (sample.run_id == "" and sample.policy_version == 0)
 
     async def close(self) -> None:
         """Cancel the groups in flight; they and the finished groups nobody took are given up."""
@@ -198,6 +206,7 @@ class Collector:
 
     async def _run(self, prompt: _Prompt) -> None:
         try:
+            await asyncio.sleep(prompt.pause_s)
             group = await self._group(prompt)
         except ServiceUnreachable as error:
             self._stop(error)
@@ -232,7 +241,8 @@ class Collector:
         if final or prompt.attempt >= self.max_attempts:
             return False
         log.warning("group failed (%s); its prompt will be retried (attempt %d)", reason, prompt.attempt + 1)
-        self._retry.append(_Prompt(prompt.problem, prompt.key, prompt.attempt + 1))
+        pause = min(self.backoff[1], self.backoff[0] * 2 ** (prompt.attempt - 1))
+        self._retry.append(_Prompt(prompt.problem, prompt.key, prompt.attempt + 1, pause))
         self.stats.retried_groups += 1
         return True
 

@@ -17,7 +17,8 @@ one is kept as OUT/ledger.<n>.jsonl). With max_staleness > 0 the prompts in flig
 learner dies are not redrawn on resume; `audit` counts them as lost.
 
 `audit(path)` reads a ledger back: prompts and samples lost (drawn or generated, never used nor
-dropped) or used twice, and the samples used with another run's or a wrong policy version.
+dropped) or used twice, and the samples used with another run's or a wrong policy version (the
+weights from disk, version 0 of no run, are every fresh run's starting policy).
 """
 
 from __future__ import annotations

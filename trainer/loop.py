@@ -23,6 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from puremesh.contract.sampling import SamplingSpec
+from puremesh.weightsync import runs
 from puremesh.weightsync.store import WeightStore
 
 from . import checkpoint, metrics
@@ -31,12 +32,15 @@ from .collector import Collector, CollectStats, ScoredGroup
 from .controller import Controller, Trainable
 from .data import Problem, ProblemStream, load_problems
 from .heldout import evaluate
+from .ledger import Ledger
 from .ranks import RankFailure, Ranks, current_ranks, start_ranks
 from .settings import LearnerSettings
 from .update import build_experience
 
 log = logging.getLogger(__name__)
 REPLICA_SYNC_TIMEOUT_S = 120.0
+# A fresh learner waits this long for the expected replicas to subscribe, to see their runs.
+FRESH_START_WAIT_S = 10.0
 
 
 @dataclass
@@ -224,15 +228,23 @@ async def start(settings: LearnerSettings, mesh: Mesh, resume: bool, controller:
         learner.stream = ProblemStream.from_state(problems, state.data_position)
         learner.step, learner.resumed = state.step, True
         # Replicas may hold versions the lost learner published after this checkpoint: publish the
-        # checkpoint's weights under a version newer than anything they report.
-        seen = await _replicas_at(mesh, 0, all_expected=True)
-        learner.version = max([state.version, *(replica.version for replica in seen.values())]) + 1
-        weights = await asyncio.to_thread(controller.gather)
-        await asyncio.to_thread(mesh.publisher.publish, learner.version, weights)
-        del weights
-        await _replicas_at(mesh, learner.version)
+        # checkpoint's weights above the highest version this run ever announced (weightsync/runs.py;
+        # never above what a replica reports, which could be spoofed).
+        await _republish(learner, mesh, max(state.version, mesh.publisher.high_water) + 1)
         log.info("resumed from %s at step %d as version %d", found, learner.step, learner.version)
+    elif await mesh.publisher.other_runs(mesh.replicas, timeout=FRESH_START_WAIT_S):
+        # Replicas still hold an earlier run's weights: a fresh run trains only on its own policy.
+        await _republish(learner, mesh, 1)
     return learner
+
+
+async def _republish(learner: Learner, mesh: Mesh, version: int) -> None:
+    """Publish the learner's weights as `version` and wait (bounded) for the replicas."""
+    learner.version = version
+    weights = await asyncio.to_thread(learner.controller.gather)
+    await asyncio.to_thread(mesh.publisher.publish, learner.version, weights)
+    del weights
+    await _replicas_at(mesh, learner.version)
 
 
 def make_collector(learner: Learner, mesh: Mesh) -> Collector:
@@ -248,6 +260,9 @@ def make_collector(learner: Learner, mesh: Mesh) -> Collector:
         ),
         groups_in_flight=sampling.groups_in_flight or sampling.prompts_per_step,
         max_staleness=sampling.max_staleness,
+        run_id=mesh.publisher.run_id,
+        ledger=Ledger.open(Path(learner.settings.out_dir), learner.step if learner.resumed else None),
+        failover=learner.settings.endpoints.failover,
     )
 
 
@@ -280,6 +295,7 @@ def batch_stats(learner: Learner, mesh: Mesh, groups: list[ScoredGroup], collect
     samples = learner.settings.sampling.samples_per_prompt
     metrics.DROPPED_SAMPLES.labels("stale").inc(collected.dropped_stale * samples)
     metrics.DROPPED_SAMPLES.labels("failed").inc(collected.failed_groups * samples)
+    metrics.REPLICA_LAG.clear()  # expired replica records take their series with them
     for replica, held in mesh.publisher.replicas.items():
         metrics.REPLICA_LAG.labels(replica).set(learner.version - held.version)
     return {
@@ -310,7 +326,8 @@ async def save_checkpoint(learner: Learner) -> None:
         dtype=str(learner.settings.dtype),
         tensors=checkpoint.parameter_shapes(model),
     )
-    await asyncio.to_thread(learner.controller.checkpoint, state)
+    saved = await asyncio.to_thread(learner.controller.checkpoint, state)
+    runs.stamp(saved, Path(learner.settings.out_dir))  # the checkpoint names its run
 
 
 def record_step(learner: Learner, stats: dict, phases: dict[str, float]) -> dict:
@@ -352,15 +369,12 @@ async def timed(phases: dict[str, float], name: str, work: Awaitable):
         phases[name] = time.perf_counter() - tick
 
 
-async def _replicas_at(mesh: Mesh, version: int, all_expected: bool = False) -> dict:
-    """Wait (bounded) until the live replicas hold `version`: all `mesh.replicas` of them when
-    `all_expected`, else those whose WatchVersions stream is open (a dead replica is skipped)."""
-    if all_expected:
-        wanted: int | list[str] = mesh.replicas
-    else:
-        wanted = [name for name, state in mesh.publisher.replicas.items() if state.watching]
+async def _replicas_at(mesh: Mesh, version: int) -> dict:
+    """Wait (bounded) until `mesh.replicas` replicas confirm `version`, or every watching one
+    when fewer watch (a dead replica, or a subscriber that never fetched, is not waited for:
+    weightsync/replicas.py)."""
     try:
-        return await mesh.publisher.wait_for_replicas(version, wanted, timeout=REPLICA_SYNC_TIMEOUT_S)
+        return await mesh.publisher.wait_for_replicas(version, mesh.replicas, timeout=REPLICA_SYNC_TIMEOUT_S)
     except TimeoutError as error:
         log.warning("replicas did not reach version %d: %s", version, error)
         return mesh.publisher.replicas
