@@ -5,7 +5,8 @@ generators, both imported lazily. No gRPC, nothing from services/.
 
 A problem is a question and an optional ground-truth answer. PURE's data layout (PRM+VR mode,
 pure-algorithm.md section 4) stores the answer "null" for the prompts that carry none; such
-problems still get process rewards, and a verifiable reward of 0.
+problems still get process rewards, and a verifiable reward of 0. `keep_ground_truth` gives a
+problem list PURE's headline setting: ground truth on a fraction of the prompts only.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "Problem",
     "ProblemStream",
     "format_prompt",
+    "keep_ground_truth",
     "load_problems",
     "reasoning_gym_problems",
 ]
@@ -114,6 +116,17 @@ def load_problems(path: str | Path) -> list[Problem]:
     if not problems:
         raise ValueError(f"{path}: no problems")
     return problems
+
+
+def keep_ground_truth(problems: Sequence[Problem], fraction: float, seed: int = 0) -> list[Problem]:
+    """`problems` with the answer kept on round(fraction * len(problems)) of them, chosen at random
+    (deterministic in `seed`), and None, PURE's "null", on the others. fraction 1 keeps them all."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    keep = set(
+        random.Random(f"ground-truth:{seed}").sample(range(len(problems)), round(fraction * len(problems)))
+    )
+    return [p if i in keep else Problem(p.question, None) for i, p in enumerate(problems)]
 
 
 def reasoning_gym_problems(

@@ -30,7 +30,7 @@ from . import checkpoint, metrics
 from .backends import AnswerVerifier, RolloutBackend, StepScorer
 from .collector import Collector, CollectStats, ScoredGroup
 from .controller import Controller, Trainable
-from .data import Problem, ProblemStream, load_problems
+from .data import Problem, ProblemStream, keep_ground_truth, load_problems
 from .heldout import evaluate
 from .ledger import Ledger
 from .ranks import RankFailure, Ranks, current_ranks, start_ranks
@@ -123,6 +123,7 @@ async def train(
     controller = Controller(settings, ranks)
     error = ""
     try:
+        metrics.TRACKERS.open(settings)
         result = await _train(settings, mesh, controller, resume, progress, on_step)
         write_result(Path(settings.out_dir), result)
         return result
@@ -137,6 +138,7 @@ async def train(
             await asyncio.to_thread(controller.stop, error)
         if own:
             ranks.close()
+        metrics.TRACKERS.close()
 
 
 async def _train(
@@ -217,6 +219,7 @@ async def start(settings: LearnerSettings, mesh: Mesh, resume: bool, controller:
     found = checkpoint.latest(out) if resume else None
     state = await asyncio.to_thread(controller.load, found)
     problems = load_problems(settings.train_path)
+    problems = keep_ground_truth(problems, settings.ground_truth_fraction, settings.seed)
     heldout = (
         load_problems(settings.eval.heldout_path)[: settings.eval.n_eval]
         if settings.eval.heldout_path
@@ -300,6 +303,7 @@ def batch_stats(learner: Learner, mesh: Mesh, groups: list[ScoredGroup], collect
         metrics.REPLICA_LAG.labels(replica).set(learner.version - held.version)
     return {
         "pass_at_n_ratio": _pass_at_n(groups),
+        **metrics.response_stats(groups),
         "dropped_stale": collected.dropped_stale,
         "failed_groups": collected.failed_groups,
     }
@@ -349,7 +353,7 @@ async def evaluate_heldout(learner: Learner, mesh: Mesh, result: RunResult, when
     accuracy, stderr = await evaluate(
         mesh, learner.heldout, learner.encode, learner.settings.eval.max_new_tokens, learner.version
     )
-    metrics.STAT_GAUGES["heldout_accuracy_ratio"].set(accuracy)
+    metrics.export_value(learner.step, "heldout_accuracy_ratio", accuracy)
     record = {"step": learner.step, "heldout_accuracy": accuracy, "heldout_stderr": stderr}
     learner.journal.write(record)
     result.history.append(record)

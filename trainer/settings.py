@@ -188,6 +188,34 @@ class EvalSettings(FrozenSettings):
     max_new_tokens: int = Field(256, ge=1)
 
 
+# --- PURE's data setting and the experiment trackers (issue 11) -------------------------------
+
+
+class TrackerKind(StrEnum):
+    """Experiment trackers that receive each step's metrics (trainer/metrics.py `Trackers`)."""
+
+    WANDB = "wandb"
+    TENSORBOARD = "tensorboard"
+
+
+class WandbMode(StrEnum):
+    """auto: online when W&B credentials are configured (WANDB_API_KEY, or WANDB_MODE=online),
+    else offline (a local run folder that `wandb sync` uploads later)."""
+
+    AUTO = "auto"
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class TrackingSettings(FrozenSettings):
+    """Options of the trackers named in `learner.trackers`."""
+
+    project: str = Field("puremesh", min_length=1, description="W&B project")
+    run_name: str = Field("", description="the run's name in the trackers; empty = out_dir's folder name")
+    directory: str = Field("", description="where the trackers write; empty = OUT/trackers")
+    wandb_mode: WandbMode = WandbMode.AUTO
+
+
 class LearnerSettings(FrozenSettings):
     policy_path: str = Field(..., description="local directory of the starting policy (and reference)")
     train_path: str = Field(..., description="training problems (JSONL or parquet, PURE layout)")
@@ -209,6 +237,17 @@ class LearnerSettings(FrozenSettings):
     eval: EvalSettings = EvalSettings()
     distributed: DistributedSettings = DistributedSettings()
     memory: MemorySettings = MemorySettings()
+    ground_truth_fraction: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="share of the training prompts that keep their ground truth (chosen with `seed`); "
+        'the others are trained as PURE\'s "null" answer, on process rewards alone (trainer/data.py)',
+    )
+    trackers: list[TrackerKind] = Field(
+        default_factory=list, description="experiment trackers (wandb, tensorboard); none by default"
+    )
+    tracking: TrackingSettings = TrackingSettings()
 
     @model_validator(mode="after")
     def _check(self) -> LearnerSettings:

@@ -17,7 +17,6 @@ from puremesh.trainer.algo import (
     ppo_loss,
     prm_vr_agreement,
     pure_advantages,
-    repeat_score,
     step_end_mask_from_lengths,
     step_layout,
     steps_per_response,
@@ -508,23 +507,6 @@ def test_kl_estimators() -> None:
 
 
 # --- diagnostics ------------------------------------------------------------------------------
-
-
-def test_repeat_score() -> None:
-    distinct = list(range(20))
-    loop = [1, 2] * 50
-    rows = [distinct, loop, [5, 5, 5], [3, 4, 3, 4, 9, 9]]
-    width = 100
-    token_ids = torch.tensor([r + [7] * (width - len(r)) for r in rows])  # padding repeats a lot
-    mask = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows])
-    scores = repeat_score(token_ids, mask, ngram=4).tolist()
-    assert scores[0] == 0.0
-    assert scores[1] == pytest.approx(95 / 97) and scores[1] > 0.95
-    assert scores[2] == 0.0  # fewer tokens than one n-gram
-    assert scores[3] == 0.0  # three distinct 4-grams
-    assert repeat_score(token_ids, mask, ngram=2).tolist()[3] == pytest.approx(1 / 5)
-    with pytest.raises(ValueError):
-        repeat_score(token_ids, mask, ngram=0)
 
 
 def test_prm_vr_agreement() -> None:

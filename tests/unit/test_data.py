@@ -13,6 +13,7 @@ from puremesh.trainer.data import (
     Problem,
     ProblemStream,
     format_prompt,
+    keep_ground_truth,
     load_problems,
     reasoning_gym_problems,
 )
@@ -89,6 +90,21 @@ def test_parquet_loading(tmp_path: Path) -> None:
     (tmp_path / "junk.parquet").write_text("not parquet")
     with pytest.raises(ValueError, match=r"junk\.parquet"):
         load_problems(tmp_path / "junk.parquet")
+
+
+def test_keep_ground_truth_keeps_the_fraction_and_nulls_the_rest() -> None:
+    problems = [Problem(f"q{i}", str(i)) for i in range(200)]
+    kept = keep_ground_truth(problems, 0.1, seed=3)
+    assert [p.question for p in kept] == [p.question for p in problems]  # same order, same prompts
+    with_truth = [p for p in kept if p.answer is not None]
+    assert len(with_truth) == 20 and all(p.answer == p.question[1:] for p in with_truth)
+    assert kept == keep_ground_truth(problems, 0.1, seed=3)  # deterministic in the seed
+    assert kept != keep_ground_truth(problems, 0.1, seed=4)
+    assert keep_ground_truth(problems, 1.0) == problems
+    assert all(p.answer is None for p in keep_ground_truth(problems, 0.0))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="fraction"):
+            keep_ground_truth(problems, bad)
 
 
 def test_format_prompt() -> None:
