@@ -31,6 +31,7 @@ CASES = {
     "gpu-cluster": (EXAMPLES / "gpu-cluster.yaml",),
     "cpu-only": (EXAMPLES / "cpu-only.yaml",),
     "monitoring-off": (EXAMPLES / "monitoring-off.yaml",),
+    "multi-node-learner": (EXAMPLES / "gpu-cluster.yaml", EXAMPLES / "multi-node-learner.yaml"),
 }
 
 

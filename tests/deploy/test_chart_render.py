@@ -35,6 +35,7 @@ from chartkit import (
     render,
     template_args,
 )
+from torch.distributed.run import get_args_parser
 
 from puremesh.services.prm.settings import PrmSettings
 from puremesh.services.rollout.settings import RolloutSettings
@@ -134,6 +135,8 @@ def test_renders_the_expected_objects(case, docs):
     ]
     if case != "monitoring-off":
         expected += ["ConfigMap", "PodMonitor", "PrometheusRule", "ServiceMonitor"]
+    if case == "multi-node-learner":
+        expected += ["NetworkPolicy", "Service"]  # the learner ranks' (test_chart_learner.py)
     assert kinds == sorted(expected)
     for doc in docs:
         assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
@@ -268,7 +271,7 @@ def test_serve_config_has_one_application_per_service(case, docs):
         name: "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"].get("limits", {})
         for name, g in worker_groups(docs).items()
     }
-    if case == "gpu-cluster":
+    if case in ("gpu-cluster", "multi-node-learner"):
         assert gpus["rollout"] >= 1 and gpus["prm"] >= 1 and gpus["verify"] == 0
         assert group_gpus == {"rollout": True, "prm": True, "verify": False}
     else:
@@ -321,8 +324,13 @@ def test_rollout_replicas_pull_weights_from_the_learner(docs):
     learner = yaml.safe_load(one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["learner.yaml"])["learner"]
     assert learner["weights"] == {"host": "0.0.0.0", "port": weights["port"], "bulk_port": bulk["port"]}
     pod = one(docs, "Job")["spec"]["template"]
-    assert all(pod["metadata"]["labels"][k] == v for k, v in service["spec"]["selector"].items())
+    # (an indexed Job's pods also carry their index, which the Service selects: test_chart_learner.py)
+    selector = {
+        k: v for k, v in service["spec"]["selector"].items() if not k.startswith("batch.kubernetes.io/")
+    }
+    assert all(pod["metadata"]["labels"][k] == v for k, v in selector.items())
     learner_ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+    learner_ports.pop("rendezvous", None)  # a multi-pod learner's (test_chart_learner.py)
     assert learner_ports == {
         "weights": weights["port"],
         "weights-bulk": bulk["port"],
@@ -446,7 +454,13 @@ def test_learner_job_runs_puremesh_train_with_the_rendered_config(docs):
     job = one(docs, "Job")
     pod = job["spec"]["template"]["spec"]
     (learner,) = pod["containers"]
-    args = cli_parser().parse_args(learner["args"])
+    argv = learner["args"]
+    if learner.get("command") == ["torchrun"]:  # several ranks (test_chart_learner.py)
+        # the kubelet expands $(JOB_COMPLETION_INDEX) from the pod's env: pod 0 here
+        run = get_args_parser().parse_args([a.replace("$(JOB_COMPLETION_INDEX)", "0") for a in argv])
+        assert run.module and run.training_script == "puremesh.cli.main"
+        argv = run.training_script_args
+    args = cli_parser().parse_args(argv)
     assert args.command == "train" and args.resume
     mounts = {m["name"]: m for m in learner["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
