@@ -133,8 +133,8 @@ def audit(path: Path, run_id: str, max_staleness: int = 0) -> Audit:
 def _wrong(samples: list[list], used: dict, run_id: str, max_staleness: int) -> int:
     version = used["version"]
     return sum(
-        run != run_id or not 0 <= version - sample_version <= max_staleness
-        for _, sample_version, run in samples
+        run not in (run_id, "") or (run == "" and held != 0) or not 0 <= version - held <= max_staleness
+        for _, held, run in samples
     )
 
 

@@ -45,6 +45,10 @@ class BatcherFull(RuntimeError):
     """The queue holds `max_queue` requests already: retry later (overload)."""
 
 
+class BatcherTimeout(RuntimeError):
+    """The request's scores did not come within its `timeout` (it is withdrawn if not run yet)."""
+
+
 @dataclass(frozen=True)
 class BatchStats:
     """What one forward call did; passed to the `on_batch` hook after every call."""
@@ -192,13 +196,21 @@ class DynamicBatcher:
 
     # --- requests -------------------------------------------------------------------------
 
-    async def submit(self, items: Sequence[Item]) -> list[list[float]]:
+    async def submit(self, items: Sequence[Item], timeout: float | None = None) -> list[list[float]]:
         """Score `items`; returns one score list per item, in order.
 
-        Raises BatcherStopped when not running, BatcherFull when the queue is full, and
+        Raises BatcherStopped when not running, BatcherFull when the queue is full,
+        BatcherTimeout when the scores took longer than `timeout` s (None: no bound), and
         whatever `forward` raised for the forward call this request was part of.
         Cancelling the caller withdraws the request if it has not run yet.
         """
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._submit(items)
+        except TimeoutError:
+            raise BatcherTimeout(f"the PRM scores did not come within {timeout:.1f} s") from None
+
+    async def _submit(self, items: Sequence[Item]) -> list[list[float]]:
         items = list(items)
         if not self._running:
             raise BatcherStopped("the PRM batcher is not running")

@@ -1,5 +1,9 @@
 """PrmService: protobuf in, step scores out. Splitting and layout live in contract/steps.py, the
-model in scorer.py, request coalescing in batcher.py."""
+model in scorer.py, request coalescing in batcher.py.
+
+Tokenisation and layout of a call's items, and decoding of its step texts, run on a worker
+thread: a call of 1024 long texts would otherwise stall the event loop (and health checks with
+it). The wait for a batch is bounded by the call's deadline (`rpc.server.queue_budget`)."""
 
 from __future__ import annotations
 
@@ -12,9 +16,10 @@ from prometheus_client import Histogram
 from puremesh.common.v1 import common_pb2
 from puremesh.prm.v1 import prm_pb2, prm_pb2_grpc
 from puremesh.rpc import metrics
-from puremesh.rpc.errors import InvalidArgument, NotReady, Overloaded
+from puremesh.rpc.errors import DeadlineExceeded, InvalidArgument, NotReady, Overloaded
+from puremesh.rpc.server import queue_budget
 
-from .batcher import BatcherFull, BatcherStopped, DynamicBatcher
+from .batcher import BatcherFull, BatcherStopped, BatcherTimeout, DynamicBatcher
 from .scorer import PrmScorer
 from .settings import PrmSettings
 
@@ -105,6 +110,26 @@ class PrmServicer(prm_pb2_grpc.PrmServiceServicer):
             self.scorer.check_item(input_ids, positions)
         return _Prepared(index, response_ids, list(spans), input_ids, positions)
 
+    def _prepare_all(self, items) -> tuple[list[prm_pb2.ScoreResult], list[_Prepared]]:
+        """Worker thread: the items' layouts; items that cannot be scored get their error."""
+        results: list[prm_pb2.ScoreResult] = [prm_pb2.ScoreResult() for _ in items]
+        prepared: list[_Prepared] = []
+        for index, item in enumerate(items):
+            try:
+                prepared.append(self._prepare(index, item))
+            except ValueError as error:
+                results[index] = _item_error(common_pb2.ERROR_CODE_INVALID_ARGUMENT, str(error))
+        return results, [p for p in prepared if p.spans]
+
+    def _step_texts(self, to_score: list[_Prepared]) -> list[str]:
+        """Worker thread: every step's text in one tokenizer call."""
+        assert self.scorer is not None
+        return self.scorer.tokenizer.batch_decode(
+            [p.response_ids[start:end] for p in to_score for start, end in p.spans],
+            skip_special_tokens=False,
+            clean_up_tokenization_spaces=False,
+        )
+
     async def ScoreSteps(self, request: prm_pb2.ScoreStepsRequest, context) -> prm_pb2.ScoreStepsResponse:
         if self.scorer is None or self.batcher is None:
             raise NotReady("the PRM is not loaded")
@@ -112,18 +137,15 @@ class PrmServicer(prm_pb2_grpc.PrmServiceServicer):
             raise InvalidArgument(
                 f"{len(request.items)} items in one call; the limit is {self.settings.max_items}"
             )
-        results: list[prm_pb2.ScoreResult] = [prm_pb2.ScoreResult() for _ in request.items]
-        prepared: list[_Prepared] = []
-        for index, item in enumerate(request.items):
-            try:
-                prepared.append(self._prepare(index, item))
-            except ValueError as error:
-                results[index] = _item_error(common_pb2.ERROR_CODE_INVALID_ARGUMENT, str(error))
-        to_score = [p for p in prepared if p.spans]
+        results, to_score = await asyncio.to_thread(self._prepare_all, request.items)
+        cap = self.settings.server.max_queue_wait_seconds
+        budget = queue_budget(context, cap)
         try:
-            scores = await self.batcher.submit([(p.input_ids, p.positions) for p in to_score])
+            scores = await self.batcher.submit([(p.input_ids, p.positions) for p in to_score], timeout=budget)
         except BatcherFull as error:
             raise Overloaded(str(error)) from error
+        except BatcherTimeout as error:
+            raise (DeadlineExceeded if budget < cap else Overloaded)(str(error)) from None
         except BatcherStopped as error:
             raise NotReady(str(error)) from error
         except Exception as error:  # a failed forward pass fails these items, not the service
@@ -133,14 +155,7 @@ class PrmServicer(prm_pb2_grpc.PrmServiceServicer):
                     common_pb2.ERROR_CODE_INTERNAL, f"forward pass failed: {error}"
                 )
             return prm_pb2.ScoreStepsResponse(results=results)
-        # Every step's text in one tokenizer call (one crossing into the Rust tokenizer per request).
-        texts = iter(
-            self.scorer.tokenizer.batch_decode(
-                [p.response_ids[start:end] for p in to_score for start, end in p.spans],
-                skip_special_tokens=False,
-                clean_up_tokenization_spaces=False,
-            )
-        )
+        texts = iter(await asyncio.to_thread(self._step_texts, to_score))
         for p, step_scores in zip(to_score, scores, strict=True):
             results[p.index] = prm_pb2.ScoreResult(
                 steps=[

@@ -11,7 +11,11 @@ Design
   down its pipe and waits for the reply with ``loop.add_reader`` (no threads). Replies are read
   in the event loop; nothing else blocks it.
 - The cheap part of grading (`grading.classify`: answer extraction, NO_GROUND_TRUTH, NO_ANSWER)
-  runs in the host process; only the math-verify comparison goes to a worker.
+  runs in the host process, on a thread (never on the event loop: a call of 4096 long
+  responses would stall it); only the math-verify comparison goes to a worker.
+- Waiting for a free worker is bounded (`queue_timeout_s`): past it the call fails with
+  `PoolBusyError` (the service answers RESOURCE_EXHAUSTED, or DEADLINE_EXCEEDED when the
+  caller's deadline was the bound).
 - Hard timeout: a worker that has not answered ``timeout_s`` seconds after it got the item is
   killed (SIGKILL) at once; that item alone yields ``Verdict.TIMEOUT``; a background task
   starts a replacement, which joins the idle queue once warm. A worker that dies (EOF on its
@@ -43,7 +47,7 @@ from puremesh.contract.verdict import Verdict
 from .grading import classify
 from .worker import Worker, close_quietly, receive, stop_processes, worker_main
 
-__all__ = ["DEFAULT_START_TIMEOUT_S", "GradeResult", "GradingPool", "PoolNotRunningError"]
+__all__ = ["DEFAULT_START_TIMEOUT_S", "GradeResult", "GradingPool", "PoolBusyError", "PoolNotRunningError"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,22 @@ class GradeResult:
 
 class PoolNotRunningError(RuntimeError):
     """The pool was not started yet, or it is closed."""
+
+
+class PoolBusyError(RuntimeError):
+    """No worker became free within the call's queue timeout."""
+
+
+def _classified(item: tuple[str, str | None]) -> tuple[GradeResult | None, str, str | None]:
+    """(the grade if the host decides it alone, else None; the extracted answer; ground truth)."""
+    try:
+        response, ground_truth = item
+        verdict, answer = classify(response, ground_truth)
+    except Exception as exc:  # not a (str, str | None) pair
+        return GradeResult(Verdict.ERROR, "", error=f"malformed item: {type(exc).__name__}: {exc}"), "", None
+    if verdict is not None:
+        return GradeResult(verdict, answer), answer, ground_truth
+    return None, answer, ground_truth
 
 
 class GradingPool:
@@ -200,30 +220,35 @@ class GradingPool:
     # ---- grading -----------------------------------------------------------------------------
 
     async def grade_many(
-        self, items: Sequence[tuple[str, str | None]], timeout_s: float
+        self,
+        items: Sequence[tuple[str, str | None]],
+        timeout_s: float,
+        queue_timeout_s: float | None = None,
     ) -> list[GradeResult]:
         """Grade ``(response, ground_truth)`` pairs concurrently; one result per item, in order.
 
-        ``timeout_s`` bounds the time each item spends in a worker (waiting for a free worker
-        does not count). An item that exceeds it gets ``Verdict.TIMEOUT`` and its worker is
-        replaced; no other item is affected. Raises ValueError for a non-positive or infinite
-        ``timeout_s`` and `PoolNotRunningError` before `start` or after `close`.
+        ``timeout_s`` bounds the time each item spends in a worker. An item that exceeds it gets
+        ``Verdict.TIMEOUT`` and its worker is replaced; no other item is affected. Waiting for
+        a free worker is bounded by ``queue_timeout_s`` (None: unbounded), after which the call
+        raises `PoolBusyError`. Raises ValueError for a non-positive or infinite ``timeout_s``
+        and `PoolNotRunningError` before `start` or after `close`.
         """
         if not (timeout_s > 0 and math.isfinite(timeout_s)):
             raise ValueError(f"timeout_s must be a positive finite number, got {timeout_s!r}")
         if not self.running:
             raise PoolNotRunningError("grading pool is not running")
-        return list(await asyncio.gather(*(self._grade_one(item, timeout_s) for item in items)))
+        classified = await asyncio.to_thread(lambda: [_classified(item) for item in items])
+        loop = asyncio.get_running_loop()
+        deadline = None if queue_timeout_s is None else loop.time() + queue_timeout_s
+        return list(await asyncio.gather(*(self._grade_one(c, timeout_s, deadline) for c in classified)))
 
-    async def _grade_one(self, item: tuple[str, str | None], timeout_s: float) -> GradeResult:
-        try:
-            response, ground_truth = item
-            verdict, answer = classify(response, ground_truth)
-        except Exception as exc:  # not a (str, str | None) pair
-            return GradeResult(Verdict.ERROR, "", error=f"malformed item: {type(exc).__name__}: {exc}")
-        if verdict is not None:
-            return GradeResult(verdict, answer)
-        worker = await self._acquire()
+    async def _grade_one(
+        self, classified: tuple[GradeResult | None, str, str | None], timeout_s: float, deadline: float | None
+    ) -> GradeResult:
+        decided, answer, ground_truth = classified
+        if decided is not None:
+            return decided
+        worker = await self._acquire(deadline)
         # From here the worker is ours; the exchange completes even if our caller is cancelled.
         exchange = asyncio.ensure_future(self._exchange(worker, answer, ground_truth, timeout_s))
         self._exchanges.add(exchange)
@@ -235,12 +260,15 @@ class GradingPool:
         if not exchange.cancelled():
             exchange.exception()  # retrieved, also when the caller is gone (no "never retrieved")
 
-    async def _acquire(self) -> Worker:
+    async def _acquire(self, deadline: float | None = None) -> Worker:
         if self._closed:
             raise PoolNotRunningError("grading pool is closed")
         self._waiting += 1
         try:
-            worker = await self._free.get()
+            async with asyncio.timeout_at(deadline):
+                worker = await self._free.get()
+        except TimeoutError:
+            raise PoolBusyError(f"no grading worker was free in time ({self._size} busy)") from None
         finally:
             self._waiting -= 1
         if worker is None:  # close() woke us

@@ -7,10 +7,11 @@ from prometheus_client import Counter, Gauge
 
 from puremesh.common.v1 import common_pb2
 from puremesh.rpc import metrics
-from puremesh.rpc.errors import InvalidArgument
+from puremesh.rpc.errors import DeadlineExceeded, InvalidArgument, Overloaded
+from puremesh.rpc.server import queue_budget
 from puremesh.verify.v1 import verify_pb2, verify_pb2_grpc
 
-from .pool import GradingPool
+from .pool import GradingPool, PoolBusyError
 from .settings import VerifySettings
 from .wire import VERDICT_TO_PROTO
 
@@ -57,7 +58,14 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
         # Sampled around each call: the pool's waiting items and busy workers.
         metrics.QUEUE_DEPTH.labels(SERVICE).set(self.pool.queue_depth + len(work))
         BUSY_WORKERS.set(self.pool.busy)
-        graded = await self.pool.grade_many([w for _, w in work], self.settings.item_timeout_seconds)
+        cap = self.settings.server.max_queue_wait_seconds
+        budget = queue_budget(context, cap)
+        try:
+            graded = await self.pool.grade_many(
+                [w for _, w in work], self.settings.item_timeout_seconds, queue_timeout_s=budget
+            )
+        except PoolBusyError as error:
+            raise (DeadlineExceeded if budget < cap else Overloaded)(str(error)) from None
         metrics.QUEUE_DEPTH.labels(SERVICE).set(self.pool.queue_depth)
         BUSY_WORKERS.set(self.pool.busy)
         for (index, _), outcome in zip(work, graded, strict=True):
