@@ -40,12 +40,7 @@ async def learn(
     out = Path(learner.out_dir)
     run = runs.open_run(out, checkpoint.latest(out) if resume else None)
     store, bulk = weight_store(learner.weights, run, out / runs.RUN_FILE)
-    host = ServiceHost(
-        [weight_service(weight_servicer(store, learner.weights))],
-        ServerSettings(
-            host=learner.weights.host, port=learner.weights.port, metrics_port=learner.metrics_port
-        ),
-    )
+    host = ServiceHost([weight_service(weight_servicer(store, learner.weights))], learner_server(learner))
     try:
         await host.start()
     except BaseException:
@@ -77,6 +72,14 @@ async def learn(
     finally:
         close_weights(store, bulk)  # ends the WatchVersions streams, so the drain need not wait
         await host.drain(grace=1)
+
+
+def learner_server(learner: LearnerSettings) -> ServerSettings:
+    """The learner's server: the WeightService on weights.host:port, /metrics on metrics_port
+    (bound on weights.host too: the address replicas and the ServiceMonitor both reach)."""
+    return ServerSettings(
+        host=learner.weights.host, port=learner.weights.port, metrics_port=learner.metrics_port
+    )
 
 
 def weight_store(

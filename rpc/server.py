@@ -125,7 +125,7 @@ class ServiceHost:
     def start_metrics(self) -> None:
         """Serve /metrics on settings.metrics_port (unless None); start() does it."""
         if self.settings.metrics_port is not None and self._metrics is None:
-            host = self.settings.metrics_host or self.settings.host
+            host = self.settings.metrics_bind_host
             self._metrics = metrics.start_metrics_endpoint(host, self.settings.metrics_port)
             self.metrics_port = self._metrics.port
 

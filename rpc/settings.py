@@ -67,6 +67,11 @@ class ServerSettings(FrozenSettings):
     drain_grace_seconds: float = Field(30.0, ge=0, description="after SIGTERM: time for in-flight calls")
 
     @property
+    def metrics_bind_host(self) -> str:
+        """The address /metrics binds to: metrics_host, else host."""
+        return self.metrics_host or self.host
+
+    @property
     def grpc_concurrency(self) -> int:
         """Calls gRPC itself takes at once (the hosted services get max_concurrent_rpcs)."""
         return self.max_concurrent_rpcs + self.health_reserve_rpcs

@@ -69,14 +69,16 @@ puremesh.io/rpc-client: "true"
 {{- end }}
 
 {{/*
-A service's settings as a dict: the values' `settings`, then the keys the chart owns.
+A service's settings as a dict: the values' `settings`, then the keys the chart owns
+(server.metrics_port and server.metrics_host; rollout's weights_target).
 Call with (dict "root" $ "name" "rollout").
 */}}
 {{- define "puremesh.serviceSettings" -}}
 {{- $root := .root }}
 {{- $svc := index $root.Values.services .name }}
 {{- $settings := deepCopy ($svc.settings | default dict) }}
-{{- $owned := dict "server" (dict "metrics_port" $svc.metricsPort) }}
+{{- /* metrics_host 0.0.0.0: the PodMonitor scrapes the pod's address, never its loopback. */}}
+{{- $owned := dict "server" (dict "metrics_port" $svc.metricsPort "metrics_host" "0.0.0.0") }}
 {{- if eq .name "rollout" }}
 {{- $_ := set $owned "weights_target" (include "puremesh.weightsTarget" $root) }}
 {{- end }}
