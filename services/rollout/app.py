@@ -44,6 +44,7 @@ def build_engine(settings: RolloutSettings) -> Engine:
             max_model_len=settings.max_model_len,
             enforce_eager=settings.enforce_eager,
             engine_kwargs={"gpu_memory_utilization": memory, **settings.vllm_engine_args},
+            device=settings.device,
             **limits,
         )
     return HfEngine(

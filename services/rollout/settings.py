@@ -20,7 +20,11 @@ class RolloutSettings(FrozenSettings):
     model_path: str = Field("", description="local directory of the policy (config, safetensors, tokenizer)")
     model_name: str = Field("", description="name reported by GetStatus; defaults to model_path")
     replica_id: str = Field("", description="reported by GetStatus; defaults to host:port")
-    device: str = Field("cpu", description='torch device of the hf engine, e.g. "cpu" or "cuda:0"')
+    device: str = Field(
+        "cpu",
+        description='torch device of the engine, e.g. "cpu" or "cuda:0" (vllm: its build\'s platform; '
+        "cuda:N by CUDA_VISIBLE_DEVICES)",
+    )
     dtype: str = Field("auto", description='"auto" (the checkpoint\'s), "float32", "bfloat16", ...')
     max_model_len: int | None = Field(None, ge=16, description="context length; default: the model's")
     max_n: int = Field(64, ge=1, description="most samples per Generate call")
