@@ -3,6 +3,10 @@
 One short training run on the local mesh (tiny models: rollout, PRM and verify as processes, the
 learner in this process) is watched by a real Prometheus (Debian's binary from `make tools`)
 scraping every /metrics endpoint each second, with the chart's rendered alerting rules loaded.
+As in the cluster, the endpoints bind all addresses (the chart's server.metrics_host 0.0.0.0,
+the learner's weights.host) and Prometheus scrapes them through a non-loopback address of this
+machine, so an endpoint left on loopback shows up as a down target with no data (on a machine
+without such an address it scrapes 127.0.0.1, and the address test says so).
 At the last step, while everything still serves:
 
 - every metric name in the alerts and the dashboard is one that some endpoint exports;
@@ -13,6 +17,7 @@ At the last step, while everything still serves:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import re
 import socket
@@ -33,6 +38,7 @@ from puremesh.cli.run_settings import RunSettings
 pytestmark = pytest.mark.integration
 
 STEPS = 3
+ALL_ADDRESSES = {"metrics_host": "0.0.0.0"}  # what the chart sets (templates/_helpers.tpl)
 METRIC_NAME = re.compile(r"\bpuremesh_[a-z0-9_]+")
 # Grafana's variables, as an operator's dashboard would resolve them here.
 GRAFANA_VARIABLES = {"$__rate_interval": "20s", "$__interval": "1s", "$namespace": ".*"}
@@ -44,6 +50,18 @@ class Observed:
     queries: dict[str, dict] = field(default_factory=dict)  # dashboard expr -> API response
     rules: list[dict] = field(default_factory=list)  # /api/v1/rules
     errors: list[str] = field(default_factory=list)
+
+
+def scrape_address() -> str | None:
+    """A non-loopback IPv4 address of this machine (`ip -4 addr`), or None."""
+    try:
+        out = subprocess.run(
+            ["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    found = re.findall(r"\binet (\d+\.\d+\.\d+\.\d+)/", out.stdout)
+    return found[0] if found else None
 
 
 def free_port() -> int:
@@ -175,6 +193,7 @@ def observed(tiny_policy_dir, tiny_prm_dir, addition_problems, tmp_path_factory)
                 "steps": STEPS,
                 "checkpoint_every": STEPS,
                 "metrics_port": learner_port,
+                "weights": {"host": "0.0.0.0"},  # as the chart sets it: /metrics binds there too
                 "optim": {"lr": 1e-4, "minibatches": 2},
                 "sampling": {
                     "prompts_per_step": 2,
@@ -185,18 +204,19 @@ def observed(tiny_policy_dir, tiny_prm_dir, addition_problems, tmp_path_factory)
             },
             "mesh": {
                 "rollout_replicas": 1,
-                "rollout": {"engine": "hf"},
-                "prm": {"model_path": str(tiny_prm_dir)},
-                "verify": {"workers": 1},
+                "rollout": {"engine": "hf", "server": ALL_ADDRESSES},
+                "prm": {"model_path": str(tiny_prm_dir), "server": ALL_ADDRESSES},
+                "verify": {"workers": 1, "server": ALL_ADDRESSES},
             },
         }
     )
     observed = Observed()
     state: dict = {}
+    address = scrape_address() or "127.0.0.1"
 
     def on_mesh(local) -> None:  # the services are serving; the learner is about to start
-        state["targets"] = [f"127.0.0.1:{p.metrics_port}" for p in local.processes.values()]
-        state["targets"].append(f"127.0.0.1:{learner_port}")
+        state["targets"] = [f"{address}:{p.metrics_port}" for p in local.processes.values()]
+        state["targets"].append(f"{address}:{learner_port}")
         state["prometheus"] = LocalPrometheus(work / "prometheus", state["targets"])
 
     async def on_step(record: dict) -> None:
@@ -211,6 +231,14 @@ def observed(tiny_policy_dir, tiny_prm_dir, addition_problems, tmp_path_factory)
     assert result.steps == STEPS
     assert len(observed.exported) == 4, "rollout, prm, verify and the learner"
     return observed
+
+
+def test_the_scrapes_went_through_a_non_loopback_address(observed):
+    hosts = {target.rsplit(":", 1)[0] for target in observed.exported}
+    assert len(hosts) == 1
+    if hosts == {"127.0.0.1"}:
+        pytest.skip("this machine has no non-loopback IPv4 address: Prometheus scraped 127.0.0.1")
+    assert not ipaddress.ip_address(hosts.pop()).is_loopback
 
 
 def test_every_metric_in_the_alerts_and_the_dashboard_is_exported(observed):
