@@ -20,11 +20,13 @@ from puremesh.rpc.errors import InvalidArgument
 from puremesh.rpc.server import ServiceDefinition, ServiceHost
 from puremesh.rpc.settings import ServerSettings
 from puremesh.services.verify.client import VerifyClient
+from puremesh.trainer.algo.advantages import verifiable_advantage
 from puremesh.trainer.backends import BackendError, StepScores
 from puremesh.trainer.collector import Collector
 from puremesh.trainer.data import Problem, ProblemStream
 from puremesh.trainer.failover import FailoverSettings, ServiceUnreachable
 from puremesh.trainer.ledger import Ledger, audit
+from puremesh.trainer.update import build_experience
 from puremesh.verify.v1 import verify_pb2_grpc
 
 FAST = FailoverSettings(
@@ -202,6 +204,15 @@ async def test_grading_failures_are_no_ground_truth_not_rewards() -> None:
     assert group.has_ground_truth and group.ground_truth == [True, False]
     assert group.solved == [True, False]
     await collector.close()
+    # what the update sees: the timed-out response has no ground truth (VR 0), not a wrong answer
+    experience = build_experience([group], pad_id=0, version=0)
+    assert experience.has_ground_truth.tolist() == [True, False]
+    assert verifiable_advantage(
+        experience.solved, experience.has_ground_truth, experience.group_index
+    ).tolist() == [
+        0.0,
+        0.0,
+    ]
 
 
 async def test_failed_groups_are_retried_then_dropped_and_counted(tmp_path) -> None:
