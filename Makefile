@@ -39,7 +39,8 @@ $(STAMP): pyproject.toml setup.py
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
-demo: venv
+# The demo replays the chart's alerts over its runs with helm and promtool (`tools`).
+demo: venv tools
 	$(VENV)/bin/puremesh demo
 
 test: venv lint tools

@@ -22,9 +22,10 @@ _sleeping_openmp_workers_for_the_prm_service(sys.argv[1:])
 from puremesh import __version__  # noqa: E402
 
 from . import bootstrap, clients, credit, demo, export, prm_train, probe, serve, train  # noqa: E402
+from . import eval as evaluate  # noqa: E402
 from .errors import CliError  # noqa: E402
 
-COMMANDS = (credit, demo, bootstrap, prm_train, serve, clients, probe, train, export)
+COMMANDS = (credit, demo, bootstrap, prm_train, serve, clients, probe, train, export, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -100,12 +100,15 @@ def is_carry_step(value: int, op: str, operand: int) -> bool:
     return op == "+" and value % 10 + operand >= 10
 
 
-def task_problem(rng: random.Random) -> TaskProblem:
-    """One random problem (OPERATION_COUNT operations, every value in [TASK_MIN_VALUE, TASK_MAX_VALUE])."""
+def task_problem(rng: random.Random, max_operations: int = OPERATION_COUNT[1]) -> TaskProblem:
+    """One random problem (OPERATION_COUNT[0] to `max_operations` operations, every value in
+    [TASK_MIN_VALUE, TASK_MAX_VALUE])."""
+    if not OPERATION_COUNT[0] <= max_operations <= OPERATION_COUNT[1]:
+        raise ValueError(f"max_operations must be in {list(OPERATION_COUNT)}, got {max_operations}")
     name, thing = rng.choice(sorted(PRONOUNS)), rng.choice(OBJECTS)
     start = value = rng.randint(*TASK_START)
     operations: list[Operation] = []
-    count = rng.randint(*OPERATION_COUNT)
+    count = rng.randint(OPERATION_COUNT[0], max_operations)
     # Every phrasing at most once per problem: each event reads differently from the others.
     unused = {"+": list(ADD_PHRASES), "-": list(SUB_PHRASES), "*": list(MUL_PHRASES.values())}
     while len(operations) < count:
@@ -123,16 +126,21 @@ def task_problem(rng: random.Random) -> TaskProblem:
 
 
 def unique_problems(
-    rng: random.Random, count: int, *, exclude: set[Content] | None = None, distinct_content: bool = False
+    rng: random.Random,
+    count: int,
+    *,
+    exclude: set[Content] | None = None,
+    distinct_content: bool = False,
+    max_operations: int = OPERATION_COUNT[1],
 ) -> list[TaskProblem]:
-    """`count` problems with pairwise distinct questions, none with a content in `exclude`;
-    with `distinct_content`, pairwise distinct contents too."""
+    """`count` problems (task_problem) with pairwise distinct questions, none with a content in
+    `exclude`; with `distinct_content`, pairwise distinct contents too."""
     seen_questions: set[str] = set()
     seen_contents: set[Content] = set()
     blocked = set(exclude or ())
     out = []
     while len(out) < count:
-        problem = task_problem(rng)
+        problem = task_problem(rng, max_operations)
         if problem.question in seen_questions or problem.content in blocked:
             continue
         if distinct_content and problem.content in seen_contents:

@@ -20,7 +20,15 @@ from puremesh.trainer.data import format_prompt
 
 from .corpus import NEWLINE, apply_op, synthetic_corpus
 from .solutions import task_solution
-from .task import ADD_OPERAND, MUL_OPERANDS, TASK_MAX_VALUE, TASK_MIN_VALUE, task_problem, unique_problems
+from .task import (
+    ADD_OPERAND,
+    MUL_OPERANDS,
+    OPERATION_COUNT,
+    TASK_MAX_VALUE,
+    TASK_MIN_VALUE,
+    task_problem,
+    unique_problems,
+)
 
 TASK_CORPUS_SIZE = 3000  # task problems in the tokenizer's corpus (`task_corpus`)
 CORPUS_SLIP_RATE = 0.5
@@ -38,6 +46,7 @@ class TaskRates:
     prm_slip_rate: float
     prm_error_rate: float
     prm_pad_rate: float
+    max_operations: int = OPERATION_COUNT[1]  # operations per problem: 2 to this
 
 
 @dataclass(frozen=True)
@@ -65,8 +74,9 @@ def build_task(out_dir: str | Path, n_train: int, n_heldout: int, seed: int, rat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"task:{seed}")
-    heldout = unique_problems(rng, n_heldout, distinct_content=True)
-    train = unique_problems(rng, n_train, exclude={p.content for p in heldout})
+    ops = rates.max_operations
+    heldout = unique_problems(rng, n_heldout, distinct_content=True, max_operations=ops)
+    train = unique_problems(rng, n_train, exclude={p.content for p in heldout}, max_operations=ops)
     files = TaskFiles(*(out / f"{name}.jsonl" for name in ("train", "heldout", "sft", "prm", "prm_heldout")))
     _write_jsonl(files.train, ({"question": p.question, "answer": str(p.answer)} for p in train))
     _write_jsonl(files.heldout, ({"question": p.question, "answer": str(p.answer)} for p in heldout))
