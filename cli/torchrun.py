@@ -9,6 +9,7 @@ free local port). Rank 0 does what the single-process command does (it starts th
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torch.distributed.run import run as torch_distributed_run
 from puremesh.trainer.loop import RunResult, read_result
 
 from .errors import CliError
+from .process_mesh import run_mesh
 from .run_settings import RunSettings
 
 MODULE = "puremesh.cli.main"
@@ -64,3 +66,10 @@ def run_ranks(settings: RunSettings, nproc: int, command: str = "up", resume: bo
     config.write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
     launch(nproc, [command, "--config", str(config), *(["--resume"] if resume else [])])
     return read_result(out)
+
+
+def run_local_mesh(settings: RunSettings, nproc: int = 1) -> RunResult:
+    """`puremesh up` with these settings: in this process for one rank, else on `nproc` ranks."""
+    if nproc == 1:
+        return asyncio.run(run_mesh(settings))
+    return run_ranks(settings, nproc)

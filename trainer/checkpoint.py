@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,9 @@ def load_shards(state: dict[str, Any], checkpoint: Path, no_dist: bool = False) 
     rather than inside DCP's error handling."""
     folder = str(Path(checkpoint) / WEIGHTS_DIR)
     SafeReader(folder).read_metadata()
-    dcp.load(state, storage_reader=SafeReader(folder), planner=SafePlanner(), no_dist=no_dist)
+    with warnings.catch_warnings():  # no_dist: one process reads every rank's shards, on purpose
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, storage_reader=SafeReader(folder), planner=SafePlanner(), no_dist=no_dist)
 
 
 # --- RNG states as JSON -------------------------------------------------------------------
