@@ -18,8 +18,10 @@ memoryview slices of the version's retained buffer (zero copy). Limits, none set
 - the version is held (`acquire` / `release` of its `VersionSource`, the store) only while a
   reply is sent; a publish that revokes it (store.py) shuts the connection down at once.
 
-Bad requests get an error reply and the server goes on serving. A reply sent in full is noted
-with the store (`sent`), which counts complete transfers (replicas.py). The composition root
+Bad requests get an error reply and the server goes on serving. The byte range of each reply
+is noted with the store (`sent`) as it goes out; the store counts a transfer complete once the
+ranges cover the version, and the replica's ConfirmVersion, with the version's SHA-256, proves
+the bytes arrived (replicas.py). The composition root
 (cli/learner.py) builds the server beside the store and closes it: the listener and every open
 connection are shut down, so sends in flight stop at once.
 """
@@ -281,6 +283,8 @@ class BulkServer:
                 return True
             with self._lock:
                 self._sending[conn] = held
+            if replica_id:  # noted before the send: the replica may confirm before it returns
+                source.sent(replica_id, version, offset, offset + length)
             if not self._send(conn, held, offset, offset + length):
                 return False
         finally:
@@ -288,8 +292,6 @@ class BulkServer:
                 self._sending.pop(conn, None)
             source.release(held)
         BULK_REQUESTS.labels(BulkStatus.OK.label).inc()
-        if replica_id:
-            source.sent(replica_id, version, offset, offset + length)
         return True
 
     def _send(self, conn: socket.socket, held: HeldVersion, start: int, stop: int) -> bool:

@@ -5,8 +5,8 @@ The rules (weights.proto's header, "Holding a version"):
 
 - a replica id becomes *known* when it opens WatchVersions (a subscriber); nothing else creates
   a record, so ids that only download are not tracked at all;
-- the learner notes the byte ranges it sent to a known id, per version (FetchWeights chunks,
-  bulk ranges); a transfer is *complete* once they cover the whole version;
+- the learner notes the byte ranges it serves to a known id, per version (FetchWeights chunks,
+  bulk ranges, noted as they go out); a transfer is *complete* once they cover the version;
 - ConfirmVersion after a complete transfer, with the version's run and SHA-256, makes the
   replica hold that version. Nothing else does: the version a replica reports when it
   subscribes is kept as `reported`, for logs, and never trusted;

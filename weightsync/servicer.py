@@ -184,6 +184,8 @@ class WeightServicer(weights_pb2_grpc.WeightServiceServicer):
                 if store.closed:
                     raise NotReady(SHUTTING_DOWN)
                 chunk = self._encoded(request.version, index, size, with_manifest=position == 0)
+                # noted before the write: the replica may confirm before this coroutine resumes
+                store.sent(request.replica_id, request.version, chunk[1], chunk[2])
                 try:
                     async with asyncio.timeout_at(deadline):
                         await context.write(chunk[0])
@@ -193,7 +195,6 @@ class WeightServicer(weights_pb2_grpc.WeightServiceServicer):
                         f"(at least {self.min_bytes_per_second / 2**20:.1f} MiB/s are required)"
                     ) from None
                 SENT_BYTES.inc(chunk[2] - chunk[1])
-                store.sent(request.replica_id, request.version, chunk[1], chunk[2])
         finally:
             self.fetches -= 1
 

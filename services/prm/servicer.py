@@ -1,14 +1,17 @@
 """PrmService: protobuf in, step scores out. Splitting and layout live in contract/steps.py, the
 model in scorer.py, request coalescing in batcher.py.
 
-Tokenisation and layout of a call's items, and decoding of its step texts, run on a worker
-thread: a call of 1024 long texts would otherwise stall the event loop (and health checks with
-it). The wait for a batch is bounded by the call's deadline (`rpc.server.queue_budget`)."""
+Tokenisation and layout of a call's items, and decoding of its step texts, run on
+`prepare_threads` worker threads of their own: a call of 1024 long texts would otherwise stall
+the event loop (and health checks with it), and a small pool keeps the Python part of that work
+from crowding the loop out of the GIL. The wait for a batch is bounded by the call's deadline
+(`rpc.server.queue_budget`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from prometheus_client import Histogram
@@ -50,6 +53,7 @@ class PrmServicer(prm_pb2_grpc.PrmServiceServicer):
         self.settings = settings
         self.scorer: PrmScorer | None = None
         self.batcher: DynamicBatcher | None = None
+        self._preparer = ThreadPoolExecutor(settings.prepare_threads, thread_name_prefix="prm-prepare")
 
     async def start(self) -> None:
         """Load the PRM, warm it up with one forward pass, start the batcher."""
@@ -77,6 +81,7 @@ class PrmServicer(prm_pb2_grpc.PrmServiceServicer):
     async def stop(self) -> None:
         if self.batcher is not None:
             await self.batcher.stop()
+        self._preparer.shutdown(wait=False)
 
     def _observe(self, stats) -> None:
         metrics.BATCH_SIZE.labels(SERVICE).observe(stats.items)
@@ -137,7 +142,8 @@ class PrmServicer(prm_pb2_grpc.PrmServiceServicer):
             raise InvalidArgument(
                 f"{len(request.items)} items in one call; the limit is {self.settings.max_items}"
             )
-        results, to_score = await asyncio.to_thread(self._prepare_all, request.items)
+        loop = asyncio.get_running_loop()
+        results, to_score = await loop.run_in_executor(self._preparer, self._prepare_all, request.items)
         cap = self.settings.server.max_queue_wait_seconds
         budget = queue_budget(context, cap)
         try:
@@ -155,7 +161,7 @@ class PrmServicer(prm_pb2_grpc.PrmServiceServicer):
                     common_pb2.ERROR_CODE_INTERNAL, f"forward pass failed: {error}"
                 )
             return prm_pb2.ScoreStepsResponse(results=results)
-        texts = iter(await asyncio.to_thread(self._step_texts, to_score))
+        texts = iter(await loop.run_in_executor(self._preparer, self._step_texts, to_score))
         for p, step_scores in zip(to_score, scores, strict=True):
             results[p.index] = prm_pb2.ScoreResult(
                 steps=[

@@ -25,3 +25,6 @@ class PrmSettings(FrozenSettings):
     max_queue: int = Field(4096, ge=1, description="calls waiting for a batch before RESOURCE_EXHAUSTED")
     max_items: int = Field(1024, ge=1, description="items per ScoreSteps call; more is INVALID_ARGUMENT")
     max_text_chars: int = Field(200_000, ge=1, description="longer prompt or response texts fail as items")
+    prepare_threads: int = Field(
+        1, ge=1, le=64, description="threads that tokenise and lay out calls, beside the event loop"
+    )

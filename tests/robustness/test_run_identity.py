@@ -87,20 +87,20 @@ def used_runs(out: Path, run_id: str):
 async def test_a_fresh_learner_trains_only_on_its_own_policy(
     services, tiny_policy_dir, addition_problems, tmp_path
 ) -> None:
-    first = learner_settings(services, tiny_policy_dir, addition_problems, tmp_path / "a", steps=3)
+    first = learner_settings(services, tiny_policy_dir, addition_problems, tmp_path / "a", steps=2)
     await learn(first, replicas=1, resume=False, progress=False)
     run_a = runs.read(tmp_path / "a" / runs.RUN_FILE)
-    assert run_a is not None and run_a.published == 3  # the replica now holds version 3 of run A
+    assert run_a is not None and run_a.published == 2  # the replica now holds version 2 of run A
 
-    second = learner_settings(services, tiny_policy_dir, addition_problems, tmp_path / "b", steps=2)
+    second = learner_settings(services, tiny_policy_dir, addition_problems, tmp_path / "b", steps=1)
     result = await learn(second, replicas=1, resume=False, progress=False)
     run_b = runs.read(tmp_path / "b" / runs.RUN_FILE)
     assert run_b is not None and run_b.run_id != run_a.run_id
-    # the replica held run A's version 3: run B published its starting weights as version 1
-    assert result.version == 3 and run_b.published == 3
+    # the replica held run A's version 2: run B published its starting weights as version 1
+    assert result.version == 2 and run_b.published == 2
     ledger = used_runs(tmp_path / "b", run_b.run_id)
     assert ledger.wrong_versions == 0 and ledger.runs <= {run_b.run_id}
-    assert ledger.groups_per_step == {1: 2, 2: 2}
+    assert ledger.groups_per_step == {1: 2}
 
 
 async def test_a_resumed_learner_ignores_spoofed_versions_and_idle_watchers(
@@ -108,10 +108,10 @@ async def test_a_resumed_learner_ignores_spoofed_versions_and_idle_watchers(
 ) -> None:
     out = tmp_path / "run"
     await learn(
-        learner_settings(services, tiny_policy_dir, addition_problems, out, 2), 1, False, progress=False
+        learner_settings(services, tiny_policy_dir, addition_problems, out, 1), 1, False, progress=False
     )
     run = runs.read(out / runs.RUN_FILE)
-    assert run is not None and run.published in (2, 3)  # 3 when the replica held another run
+    assert run is not None and run.published in (1, 2)  # 2 when the replica held another run
     spoofs: list[grpc.aio.UnaryStreamCall] = []
     channels: list[grpc.aio.Channel] = []
 
@@ -128,18 +128,18 @@ async def test_a_resumed_learner_ignores_spoofed_versions_and_idle_watchers(
         return settings
 
     began = time.monotonic()
-    settings = learner_settings(services, tiny_policy_dir, addition_problems, out, 4)
+    settings = learner_settings(services, tiny_policy_dir, addition_problems, out, 3)
     result = await learn(settings, replicas=1, resume=True, on_weights_ready=spoof, progress=False)
     elapsed = time.monotonic() - began
     for call in spoofs:
         call.cancel()
     for channel in channels:
         await channel.close()
-    assert result.steps == 4
+    assert result.steps == 3
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    resumed = [r for r in records if r.get("step", 0) > 2 and "version" in r]
-    # resumed from the checkpoint of step 2 above the run's highest announced version
+    resumed = [r for r in records if r.get("step", 0) > 1 and "version" in r]
+    # resumed from the checkpoint of step 1 above the run's highest announced version
     assert [r["version"] for r in resumed] == [run.published + 2, run.published + 3]
     assert elapsed < 90, "idle made-up watchers must not hold up the on-policy barrier"
     ledger = used_runs(out, run.run_id)
-    assert ledger.wrong_versions == 0 and sorted(ledger.groups_per_step) == [1, 2, 3, 4]
+    assert ledger.wrong_versions == 0 and sorted(ledger.groups_per_step) == [1, 2, 3]
