@@ -28,6 +28,8 @@ from puremesh.services.verify.settings import VerifySettings
 from puremesh.verify.v1 import verify_pb2, verify_pb2_grpc
 
 CALLS_PER_CLIENT = 1
+# Measured 20-30 ms now on 2 cores; before the fix a health check took 3-12 s here.
+HEALTH_LIMIT_S = 1.0
 HANGS = "so \\boxed{9^{9^{9}}}"  # sympy starts computing it in full: runs to the item timeout
 
 
@@ -93,7 +95,10 @@ async def test_prm_health_answers_promptly_under_a_flood_of_long_texts(tiny_prm_
         and len(codes) == 16 * CALLS_PER_CLIENT
     )
     assert grpc.StatusCode.OK in codes
-    assert len(latencies) >= 10 and max(latencies) < 1.0, f"slowest health check {max(latencies):.2f} s"
+    print(f"slowest health check {max(latencies):.3f} s of {len(latencies)}")
+    assert len(latencies) >= 10 and max(latencies) < HEALTH_LIMIT_S, (
+        f"slowest health check {max(latencies):.2f} s"
+    )
 
 
 class _Blocking(verify_pb2_grpc.VerifyServiceServicer):
