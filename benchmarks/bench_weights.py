@@ -84,6 +84,7 @@ async def _subscriber(index: int, target: str, rounds: int, bulk: bool, ready, r
             fetched = await fetcher.download(announced)
             tensors = fetched.tensors()
             elapsed, cpu = time.perf_counter() - began, time.process_time() - cpu
+            await fetcher.confirm(fetched)  # as WeightSubscriber does: the learner counts it now
             results.put((announced.total_bytes, elapsed, cpu))
             del tensors
             fetcher.recycle(fetched)  # as WeightSubscriber does once the engine copied the tensors
