@@ -5,7 +5,9 @@ Only codes in errors.RETRYABLE_CODES are retried. A server stream is retried onl
 has not delivered a message, so a caller never sees a message twice.
 
 A service behind a Ray Serve gRPC proxy is named by the `application` metadata key on every
-call (services/ray_serve.py); `call_metadata` builds it, none for a standalone server.
+call (services/ray_serve.py); `call_metadata` builds it, none for a standalone server. With a
+ClientSecurity (rpc/settings.py), the channel speaks TLS and every call carries the bearer token
+of its token file (`authorization: Bearer <token>`, read again when the file changes; rpc/auth.py).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Any, ClassVar, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .auth import TokenSource, channel_credentials, channel_options, token_source
 from .errors import RETRYABLE_CODES
+from .settings import ClientSecurity
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -55,19 +59,34 @@ class RpcError(Exception):
 Metadata = tuple[tuple[str, str], ...]
 
 
-def call_metadata(application: str = "") -> Metadata | None:
-    """The metadata of every call: ("application", name) for a Ray Serve proxy, else none."""
-    return (("application", application),) if application else None
+def call_metadata(application: str = "", tokens: TokenSource | None = None) -> Metadata | None:
+    """The metadata of every call: ("application", name) for a Ray Serve proxy, and the bearer
+    token of `tokens` (its file's current token); none for a plain standalone server."""
+    entries: list[tuple[str, str]] = []
+    if application:
+        entries.append(("application", application))
+    if tokens is not None:
+        entries.append(("authorization", f"Bearer {tokens.token()}"))
+    return tuple(entries) or None
 
 
-def open_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ],
-    )
+def open_channel(
+    target: str,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    security: ClientSecurity | None = None,
+    options: list[tuple[str, Any]] | None = None,
+) -> grpc.aio.Channel:
+    """A channel to `target`: TLS when `security` asks for it (rpc/auth.py), else plaintext."""
+    settings = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        *channel_options(security),
+        *(options or []),
+    ]
+    credentials = channel_credentials(security)
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=settings)
+    return grpc.aio.secure_channel(target, credentials, options=settings)
 
 
 def _as_rpc_error(error: grpc.aio.AioRpcError, target: str) -> RpcError:
@@ -141,7 +160,8 @@ class ServiceClient(abc.ABC):
     A subclass names its service (SERVICE_NAME, the full proto name grpc.health is asked about),
     its generated stub class (STUB) and its default deadline (DEFAULT_TIMEOUT_S), and says how to
     probe it through a Ray Serve proxy (`_probe_application`). Its methods take and return plain
-    values; the protobuf mapping lives beside it.
+    values; the protobuf mapping lives beside it. `security`: TLS and the token file
+    (rpc/settings.py ClientSecurity); None = plaintext, no token.
     """
 
     SERVICE_NAME: ClassVar[str]
@@ -154,14 +174,19 @@ class ServiceClient(abc.ABC):
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         application: str = "",
+        security: ClientSecurity | None = None,
     ) -> None:
         self.target = target
         self.timeout = self.DEFAULT_TIMEOUT_S if timeout is None else timeout
         self.retry = retry or RetryPolicy()
         self.application = application
-        self._metadata = call_metadata(application)
-        self._channel = open_channel(target)
+        self._tokens = token_source(security)  # SecurityError: an unreadable or empty token file
+        self._channel = open_channel(target, security=security)
         self._stub = self.STUB(self._channel)
+
+    @property
+    def _metadata(self) -> Metadata | None:
+        return call_metadata(self.application, self._tokens)
 
     @property
     def probe_timeout(self) -> float:

@@ -44,6 +44,11 @@ class DeadlineExceeded(ServiceError):
     """The work could not finish within the caller's deadline."""
 
 
+class Unauthenticated(ServiceError):
+    """No bearer token, or one the server does not accept (rpc/auth.py); the message never holds
+    the token."""
+
+
 class Internal(ServiceError):
     """A bug or an engine failure; the message says which."""
 
@@ -55,6 +60,7 @@ STATUS_TABLE: dict[type[ServiceError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StaleWeights: grpc.StatusCode.ABORTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     Internal: grpc.StatusCode.INTERNAL,
 }
 for _error, _code in STATUS_TABLE.items():

@@ -24,6 +24,11 @@ RPC_DURATION = Histogram(
     ["service", "method"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+RPC_UNAUTHENTICATED = Counter(
+    "puremesh_rpc_auth_failures_total",
+    "Calls refused with UNAUTHENTICATED before any work, by reason",
+    ["reason"],  # missing | invalid (the token itself is never recorded)
+)
 RPC_IN_FLIGHT = Gauge("puremesh_rpc_in_flight_requests", "RPCs being handled now", ["service", "method"])
 SERVICE_READY = Gauge("puremesh_service_ready", "1 when the service is SERVING, else 0", ["service"])
 BATCH_SIZE = Histogram(

@@ -27,7 +27,63 @@ class FrozenSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class ServerSettings(FrozenSettings):
+class ServerSecurity(FrozenSettings):
+    """TLS and bearer tokens of a server (rpc/auth.py; README "Security"). Binding an address
+    other than loopback needs both, or `insecure`."""
+
+    tls_cert: str = Field("", description="PEM certificate (chain) of the server; with tls_key: TLS only")
+    tls_key: str = Field("", description="PEM private key of tls_cert")
+    tls_client_ca: str = Field(
+        "", description="PEM CA bundle: clients must present a certificate it signed (mTLS)"
+    )
+    auth_tokens: str = Field(
+        "",
+        description="file of the accepted bearer tokens, one per line, # for comments; reloaded when "
+        "it changes. Empty = no token required",
+    )
+    insecure: bool = Field(
+        False, description="allow a non-loopback bind address without TLS and tokens (warned once)"
+    )
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    @model_validator(mode="after")
+    def _pairs(self) -> ServerSecurity:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        return self
+
+
+class ClientSecurity(FrozenSettings):
+    """How a client reaches a server with TLS and a bearer token (rpc/auth.py)."""
+
+    tls: bool = Field(False, description="TLS with the system's CAs (implied by tls_ca or tls_cert)")
+    tls_ca: str = Field("", description="PEM CA bundle the server's certificate must chain to")
+    tls_cert: str = Field("", description="PEM client certificate, for servers that require mTLS")
+    tls_key: str = Field("", description="PEM private key of tls_cert")
+    tls_server_name: str = Field(
+        "", description="the name the server's certificate must carry; empty = the target's host"
+    )
+    token_file: str = Field(
+        "", description="file whose first line (# comments skipped) is the bearer token sent on every call"
+    )
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or bool(self.tls_ca or self.tls_cert)
+
+    @model_validator(mode="after")
+    def _pairs(self) -> ClientSecurity:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        return self
+
+
+class ServerSettings(ServerSecurity):
     """One service host's server (rpc/server.py). Admission comes before work: gRPC takes at
     most max_concurrent_rpcs + health_reserve_rpcs calls at once and refuses request bodies over
     max_request_bytes before reading them; the hosted services' calls are counted before their
@@ -65,6 +121,13 @@ class ServerSettings(FrozenSettings):
         0.0, ge=0, description="after SIGTERM: NOT_SERVING this long before refusing calls"
     )
     drain_grace_seconds: float = Field(30.0, ge=0, description="after SIGTERM: time for in-flight calls")
+    health_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="a second, plaintext port serving grpc.health.v1 only (Kubernetes gRPC probes speak "
+        "plaintext and send no metadata); null = none, 0 picks a free one",
+    )
 
     @property
     def metrics_bind_host(self) -> str:

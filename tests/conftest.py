@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+from pki import Pki, make_pki
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -62,3 +63,15 @@ def addition_problems(tmp_path_factory: pytest.TempPathFactory) -> Path:
             answer = str(a + b) if i % 5 else "null"
             handle.write(json.dumps({"question": f"What is {a} + {b}?", "answer": answer}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Certificates and tokens made by the README's openssl block (tests/pki.py)."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def other_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A second, unrelated PKI: a wrong CA, and tokens no server of `pki` accepts."""
+    return make_pki(tmp_path_factory.mktemp("other-pki"))
