@@ -7,17 +7,25 @@ import os
 import sys
 from collections.abc import Sequence
 
+# Commands whose processes share the machine's cores with each other (the mesh and its services).
+SHARED_CORE_COMMANDS = ("serve", "up", "train")
 
-def _sleeping_openmp_workers_for_the_prm_service(argv: Sequence[str]) -> None:
-    """`puremesh serve prm` runs PRM forward passes beside a gRPC event loop. OpenMP workers that
-    spin while they wait (libgomp's default) take the cores the loop needs: letting them sleep
-    gave the service 8-14% more throughput on 2 cores. libgomp reads this once, when torch is
-    first imported, so it is set here, before any import of torch. An explicit value wins."""
-    if [a for a in argv if not a.startswith("-")][:2] == ["serve", "prm"]:
+
+def _sleeping_openmp_workers(argv: Sequence[str]) -> None:
+    """The mesh's processes (the learner of `up` and `train`, and every `serve` process they or
+    you start) share the cores. OpenMP workers that spin while they wait (libgomp's default) burn
+    the cores the others need, and a parallel region whose thread was descheduled stalls its
+    barrier: `puremesh serve prm` gained 8-14% throughput on 2 cores with sleeping workers, and
+    with generation overlapping the update (max_staleness 1) the rollout replica spent 2.5 CPU
+    seconds per step spinning instead of 0.5 (benchmarks/bench_staleness.py, README). libgomp
+    reads this once, when torch is first imported, so it is set here, before any import of
+    torch. An explicit value wins."""
+    words = [a for a in argv if not a.startswith("-")]
+    if words and words[0] in SHARED_CORE_COMMANDS:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-_sleeping_openmp_workers_for_the_prm_service(sys.argv[1:])
+_sleeping_openmp_workers(sys.argv[1:])
 
 from puremesh import __version__  # noqa: E402
 
