@@ -11,8 +11,9 @@
   builds the model on the meta device, shards it, allocates its own shards and receives them
   from rank 0 (`set_model_state_dict(..., broadcast_from_rank0=True)`), so no rank ever holds
   more than one full copy. Buffers (rotary tables) are broadcast from rank 0 too.
-- Publishing: `gather_weights` all-gathers one parameter at a time; rank 0 keeps each in the
-  compute dtype on the CPU, the others drop theirs at once.
+- Publishing: `gather_weights` casts each parameter's shard to the compute dtype and
+  all-gathers it, one parameter at a time; rank 0 keeps each on the CPU, the others drop theirs
+  at once.
 """
 
 from __future__ import annotations
@@ -114,11 +115,11 @@ def gather_weights(model, dtype: torch.dtype, ranks: Ranks) -> list[tuple[str, t
     gathered: list[tuple[str, torch.Tensor]] = []
     with ranks.guard("gathering the weights to publish"), torch.no_grad():
         for name, parameter in model.named_parameters():
-            tensor = parameter.detach()
+            tensor = parameter.detach().to(dtype)  # cast the shard first: half the traffic in bf16
             if isinstance(tensor, DTensor):
                 tensor = tensor.full_tensor()
             if ranks.is_controller:
-                gathered.append((name, tensor.to(device="cpu", dtype=dtype)))
+                gathered.append((name, tensor.to("cpu", copy=True)))  # never the live parameter
             del tensor
     return gathered
 
