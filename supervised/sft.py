@@ -2,7 +2,7 @@
 
 `sft_rows` turns a JSONL file of {"prompt": str, "solution": str} rows into rows with the loss
 on the solution and EOS only; `train_causal_lm` trains on any rows (the tiny world also mixes in
-arithmetic drills, see puremesh.tinyworld.task). The optimisation itself is
+arithmetic drills, see puremesh.tinyworld.taskdata). The optimisation itself is
 `training.SupervisedTraining`.
 """
 

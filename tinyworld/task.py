@@ -40,6 +40,30 @@ ADD_OPERAND = (2, 9)  # the operands of additions and subtractions
 MUL_OPERANDS = tuple(MUL_PHRASES)
 
 Content = tuple[int, tuple[tuple[str, int], ...]]  # (start, ((op, operand), ...))
+OP_WEIGHTS = "++--*"  # how often each operation is drawn: additions and subtractions twice as often
+
+
+@dataclass(frozen=True)
+class TaskShape:
+    """Which problems a world draws: up to `max_operations` operations (at least
+    OPERATION_COUNT[0]) of the `kinds` ("+", "-", "*"; additions are always among them, since
+    the flaw lives in them)."""
+
+    max_operations: int = OPERATION_COUNT[1]
+    kinds: str = "+-*"
+
+    def __post_init__(self) -> None:
+        if not OPERATION_COUNT[0] <= self.max_operations <= OPERATION_COUNT[1]:
+            raise ValueError(f"max_operations must be in {list(OPERATION_COUNT)}, got {self.max_operations}")
+        if "+" not in self.kinds or set(self.kinds) - set(OP_WEIGHTS):
+            raise ValueError(f"kinds must include + and only use + - *, got {self.kinds!r}")
+
+    @property
+    def weights(self) -> str:
+        return "".join(op for op in OP_WEIGHTS if op in self.kinds)
+
+
+DEFAULT_SHAPE = TaskShape()
 
 
 @dataclass(frozen=True)
@@ -100,19 +124,16 @@ def is_carry_step(value: int, op: str, operand: int) -> bool:
     return op == "+" and value % 10 + operand >= 10
 
 
-def task_problem(rng: random.Random, max_operations: int = OPERATION_COUNT[1]) -> TaskProblem:
-    """One random problem (OPERATION_COUNT[0] to `max_operations` operations, every value in
-    [TASK_MIN_VALUE, TASK_MAX_VALUE])."""
-    if not OPERATION_COUNT[0] <= max_operations <= OPERATION_COUNT[1]:
-        raise ValueError(f"max_operations must be in {list(OPERATION_COUNT)}, got {max_operations}")
+def task_problem(rng: random.Random, shape: TaskShape = DEFAULT_SHAPE) -> TaskProblem:
+    """One random problem of `shape`, every value in [TASK_MIN_VALUE, TASK_MAX_VALUE]."""
     name, thing = rng.choice(sorted(PRONOUNS)), rng.choice(OBJECTS)
     start = value = rng.randint(*TASK_START)
     operations: list[Operation] = []
-    count = rng.randint(OPERATION_COUNT[0], max_operations)
+    count = rng.randint(OPERATION_COUNT[0], shape.max_operations)
     # Every phrasing at most once per problem: each event reads differently from the others.
     unused = {"+": list(ADD_PHRASES), "-": list(SUB_PHRASES), "*": list(MUL_PHRASES.values())}
     while len(operations) < count:
-        op = rng.choice("++--*")
+        op = rng.choice(shape.weights)
         if not unused[op]:
             continue
         template = rng.choice(unused[op])
@@ -131,7 +152,7 @@ def unique_problems(
     *,
     exclude: set[Content] | None = None,
     distinct_content: bool = False,
-    max_operations: int = OPERATION_COUNT[1],
+    shape: TaskShape = DEFAULT_SHAPE,
 ) -> list[TaskProblem]:
     """`count` problems (task_problem) with pairwise distinct questions, none with a content in
     `exclude`; with `distinct_content`, pairwise distinct contents too."""
@@ -140,7 +161,7 @@ def unique_problems(
     blocked = set(exclude or ())
     out = []
     while len(out) < count:
-        problem = task_problem(rng, max_operations)
+        problem = task_problem(rng, shape)
         if problem.question in seen_questions or problem.content in blocked:
             continue
         if distinct_content and problem.content in seen_contents:

@@ -22,10 +22,11 @@ from .corpus import NEWLINE, apply_op, synthetic_corpus
 from .solutions import task_solution
 from .task import (
     ADD_OPERAND,
+    DEFAULT_SHAPE,
     MUL_OPERANDS,
-    OPERATION_COUNT,
     TASK_MAX_VALUE,
     TASK_MIN_VALUE,
+    TaskShape,
     task_problem,
     unique_problems,
 )
@@ -38,15 +39,16 @@ CORPUS_DRILL_FACTS = 4
 
 
 @dataclass(frozen=True)
-class TaskRates:
-    """How often the solutions of each file slip, err and pad (solutions.task_solution)."""
+class TaskSpec:
+    """What the data files are made of: the problems' shape, and how often the solutions of each
+    file slip, err and pad (solutions.task_solution)."""
 
     sft_slip_rate: float
     sft_pad_rate: float
     prm_slip_rate: float
     prm_error_rate: float
     prm_pad_rate: float
-    max_operations: int = OPERATION_COUNT[1]  # operations per problem: 2 to this
+    shape: TaskShape = DEFAULT_SHAPE
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
             handle.write(json.dumps(row) + "\n")
 
 
-def build_task(out_dir: str | Path, n_train: int, n_heldout: int, seed: int, rates: TaskRates) -> TaskFiles:
+def build_task(out_dir: str | Path, n_train: int, n_heldout: int, seed: int, spec: TaskSpec) -> TaskFiles:
     """Write the task's data files into `out_dir` (see TaskFiles), deterministic in `seed`.
 
     sft.jsonl has one solution per train problem (carry steps slipped at `sft_slip_rate`, pads
@@ -74,16 +76,15 @@ def build_task(out_dir: str | Path, n_train: int, n_heldout: int, seed: int, rat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"task:{seed}")
-    ops = rates.max_operations
-    heldout = unique_problems(rng, n_heldout, distinct_content=True, max_operations=ops)
-    train = unique_problems(rng, n_train, exclude={p.content for p in heldout}, max_operations=ops)
+    heldout = unique_problems(rng, n_heldout, distinct_content=True, shape=spec.shape)
+    train = unique_problems(rng, n_train, exclude={p.content for p in heldout}, shape=spec.shape)
     files = TaskFiles(*(out / f"{name}.jsonl" for name in ("train", "heldout", "sft", "prm", "prm_heldout")))
     _write_jsonl(files.train, ({"question": p.question, "answer": str(p.answer)} for p in train))
     _write_jsonl(files.heldout, ({"question": p.question, "answer": str(p.answer)} for p in heldout))
     sft_rng, prm_rng = random.Random(f"sft:{seed}"), random.Random(f"prm:{seed}")
     sft_rows = []
     for p in train:
-        solution = task_solution(p, sft_rng, slip_rate=rates.sft_slip_rate, pad_rate=rates.sft_pad_rate)
+        solution = task_solution(p, sft_rng, slip_rate=spec.sft_slip_rate, pad_rate=spec.sft_pad_rate)
         sft_rows.append(
             {
                 "prompt": format_prompt(p.question),
@@ -99,9 +100,9 @@ def build_task(out_dir: str | Path, n_train: int, n_heldout: int, seed: int, rat
             solution = task_solution(
                 p,
                 prm_rng,
-                slip_rate=rates.prm_slip_rate,
-                error_rate=rates.prm_error_rate,
-                pad_rate=rates.prm_pad_rate,
+                slip_rate=spec.prm_slip_rate,
+                error_rate=spec.prm_error_rate,
+                pad_rate=spec.prm_pad_rate,
             )
             rows.append(
                 {
@@ -130,12 +131,14 @@ def task_corpus(seed: int, size: int = TASK_CORPUS_SIZE) -> list[str]:
     return texts
 
 
-def arithmetic_drill(rng: random.Random, facts: int) -> list[tuple[str, str]]:
+def arithmetic_drill(
+    rng: random.Random, facts: int, shape: TaskShape = DEFAULT_SHAPE
+) -> list[tuple[str, str]]:
     """`facts` random (left side, result) pairs of the task's arithmetic, always right, e.g.
     ("17 + 5 =", " 22"): the policy's SFT mixes such drills in to learn the tables faster."""
     out = []
     while len(out) < facts:
-        value, op = rng.randint(TASK_MIN_VALUE, TASK_MAX_VALUE), rng.choice("++--*")
+        value, op = rng.randint(TASK_MIN_VALUE, TASK_MAX_VALUE), rng.choice(shape.weights)
         operand = rng.choice(MUL_OPERANDS) if op == "*" else rng.randint(*ADD_OPERAND)
         result = apply_op(value, op, operand)
         if TASK_MIN_VALUE <= result <= TASK_MAX_VALUE:
@@ -143,14 +146,16 @@ def arithmetic_drill(rng: random.Random, facts: int) -> list[tuple[str, str]]:
     return out
 
 
-def drill_rows(tokenizer: Any, rng: random.Random, count: int, facts: int) -> list[Row]:
+def drill_rows(
+    tokenizer: Any, rng: random.Random, count: int, facts: int, shape: TaskShape = DEFAULT_SHAPE
+) -> list[Row]:
     """`count` SFT rows of `facts` arithmetic drills each, one per line, loss on the results only."""
     newline = tokenizer.encode(NEWLINE, add_special_tokens=False)
     rows = []
     for _ in range(count):
         ids: list[int] = []
         mask: list[int] = []
-        for left, right in arithmetic_drill(rng, facts):
+        for left, right in arithmetic_drill(rng, facts, shape):
             left_ids = tokenizer.encode(left, add_special_tokens=False)
             right_ids = tokenizer.encode(right, add_special_tokens=False) + newline
             ids += left_ids + right_ids

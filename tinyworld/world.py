@@ -32,7 +32,8 @@ from puremesh.trainer.data import load_problems
 
 from .models import HIDDEN_SIZE, NUM_LAYERS, build_policy, model_shape
 from .quality import PolicyQuality, policy_quality
-from .taskdata import TaskFiles, TaskRates, build_task, drill_rows, task_corpus
+from .task import OPERATION_COUNT, TaskShape
+from .taskdata import TaskFiles, TaskSpec, build_task, drill_rows, task_corpus
 from .tokenizer import build_tokenizer
 
 BOOTSTRAP_FORMAT = "puremesh-tinyworld"
@@ -61,6 +62,8 @@ class BootstrapConfig:
     seed: int = 0
     n_train: int = 20000
     n_heldout: int = 1000
+    max_operations: int = OPERATION_COUNT[1]  # problems have 2 to this many operations
+    operation_kinds: str = "+-*"  # which operations they draw from (task.TaskShape)
     sft_slip_rate: float = 0.65
     sft_pad_rate: float = 0.15  # how often the policy's SFT data pads (solutions.py)
     prm_slip_rate: float = 0.5
@@ -249,20 +252,25 @@ def _build(root: Path, config: BootstrapConfig, log: Log) -> TinyWorld:
     return world
 
 
+def _shape(config: BootstrapConfig) -> TaskShape:
+    return TaskShape(config.max_operations, config.operation_kinds)
+
+
 def _tokenizer_phase(root: Path, config: BootstrapConfig) -> tuple[Any, str]:
     tokenizer = build_tokenizer(root / "tokenizer", task_corpus(config.seed))
     return tokenizer, f"byte-level BPE, {len(tokenizer)} tokens"
 
 
 def _task_phase(root: Path, config: BootstrapConfig) -> tuple[TaskFiles, str]:
-    rates = TaskRates(
+    spec = TaskSpec(
         sft_slip_rate=config.sft_slip_rate,
         sft_pad_rate=config.sft_pad_rate,
         prm_slip_rate=config.prm_slip_rate,
         prm_error_rate=config.prm_error_rate,
         prm_pad_rate=config.prm_pad_rate,
+        shape=_shape(config),
     )
-    files = build_task(root / "data", config.n_train, config.n_heldout, config.seed, rates)
+    files = build_task(root / "data", config.n_train, config.n_heldout, config.seed, spec)
     return files, f"{config.n_train} train and {config.n_heldout} held-out problems"
 
 
@@ -284,12 +292,12 @@ def _policy_phase(
     drill_rng = random.Random(config.seed + 1)
     if config.drill_steps > 0:
         count = config.drill_steps * config.sft_batch_size
-        drills = drill_rows(tokenizer, drill_rng, count, config.drill_facts)
+        drills = drill_rows(tokenizer, drill_rng, count, config.drill_facts, _shape(config))
         train_causal_lm(policy, drills, steps=config.drill_steps, **sft)
     rows = sft_rows(tokenizer, files.sft)
     if config.drill_share > 0:
         count = round(len(rows) * config.drill_share / (1 - config.drill_share))
-        rows += drill_rows(tokenizer, drill_rng, count, config.drill_facts)
+        rows += drill_rows(tokenizer, drill_rng, count, config.drill_facts, _shape(config))
     loss = train_causal_lm(policy, rows, steps=config.sft_steps, **sft)
     policy.save_pretrained(str(root / "policy"))
     return policy, f"{config.drill_steps} + {config.sft_steps} steps, final loss {loss:.4f}"

@@ -23,12 +23,12 @@ from puremesh.tinyworld.task import (
     parse_question,
     task_problem,
 )
-from puremesh.tinyworld.taskdata import TaskRates, build_task, drill_rows
+from puremesh.tinyworld.taskdata import TaskSpec, build_task, drill_rows
 
 PROBLEMS = [task_problem(random.Random(seed)) for seed in range(200)]
 
 
-RATES = TaskRates(
+RATES = TaskSpec(
     sft_slip_rate=0.65, sft_pad_rate=0.2, prm_slip_rate=0.5, prm_error_rate=0.08, prm_pad_rate=0.3
 )
 
