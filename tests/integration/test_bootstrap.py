@@ -1,5 +1,6 @@
-"""The tiny world's bootstrap (quick variant): artefacts load and work, the cache is reused fast,
-and `puremesh prm-train` trains a PRM from step-labelled JSONL and rejects a malformed file."""
+"""The tiny world's bootstrap (quick variant): artefacts load and work, the held-out set is disjoint
+from training by arithmetic content, the cache is reused fast, and `puremesh prm-train` trains a
+PRM from step-labelled JSONL and rejects a malformed file."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from puremesh.cli.main import main
 from puremesh.services.prm.scorer import PrmScorer
+from puremesh.tinyworld.task import parse_question
 from puremesh.tinyworld.world import BootstrapConfig, TinyWorld, bootstrap, load_world
 from puremesh.trainer.data import format_prompt, load_problems
 
@@ -32,9 +34,12 @@ def test_task_files(world: TinyWorld) -> None:
     train, heldout = load_problems(world.train_path), load_problems(world.heldout_path)
     assert len(heldout) >= 1000
     assert not {p.question for p in train} & {p.question for p in heldout}
+    # disjoint by arithmetic content too: no held-out chain of operations is trained on
+    assert not {parse_question(p.question) for p in train} & {parse_question(p.question) for p in heldout}
     assert all(p.answer is not None and int(p.answer) >= 0 for p in heldout)
     sft = [json.loads(line) for line in world.sft_path.read_text().splitlines()]
     assert {row["correct"] for row in sft} == {True, False}  # a mix of right and flawed solutions
+    assert 0 < sum(row["pads"] > 0 for row in sft) < len(sft)  # some solutions pad, most do not
     assert all("\\boxed{" in row["solution"] and "\n\n" in row["solution"] for row in sft)
     prm = [json.loads(line) for line in world.prm_data_path.read_text().splitlines()]
     for row in prm:
