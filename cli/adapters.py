@@ -17,6 +17,7 @@ from puremesh.contract.sampling import Sample, SamplingSpec
 from puremesh.contract.verdict import Verdict
 from puremesh.rpc.client import RetryPolicy, RpcError
 from puremesh.rpc.errors import RETRYABLE_CODES
+from puremesh.rpc.settings import ClientSecurity
 from puremesh.services.prm.client import PrmClient, ScoredResponse
 from puremesh.services.rollout.client import RolloutClient
 from puremesh.services.verify.client import VerifyClient
@@ -125,7 +126,8 @@ SINGLE_TRY = RetryPolicy(max_attempts=1)
 
 class MeshRollout:
     """`application`: the Ray Serve application name when the targets are Ray Serve proxies.
-    `run_id`: the learner run whose samples it asks for (rollout.proto GenerateRequest.run_id)."""
+    `run_id`: the learner run whose samples it asks for (rollout.proto GenerateRequest.run_id).
+    `security` (here and in MeshScorer, MeshVerifier): TLS and the service's token file."""
 
     def __init__(
         self,
@@ -134,8 +136,9 @@ class MeshRollout:
         application: str = "",
         policy: FailoverSettings | None = None,
         run_id: str = "",
+        security: ClientSecurity | None = None,
     ) -> None:
-        clients = [RolloutClient(t, timeout, SINGLE_TRY, application) for t in targets]
+        clients = [RolloutClient(t, timeout, SINGLE_TRY, application, security) for t in targets]
         self.pool = EndpointPool("rollout", clients, policy, retryable=ROLLOUT_CODES)
         self.run_id = run_id
 
@@ -161,8 +164,9 @@ class MeshScorer:
         timeout: float,
         application: str = "",
         policy: FailoverSettings | None = None,
+        security: ClientSecurity | None = None,
     ) -> None:
-        clients = [PrmClient(t, timeout, SINGLE_TRY, application) for t in targets]
+        clients = [PrmClient(t, timeout, SINGLE_TRY, application, security) for t in targets]
         self.pool = EndpointPool("prm", clients, policy)
 
     async def score(self, prompt_ids: list[int], responses: list[list[int]]) -> list[StepScores]:
@@ -190,8 +194,9 @@ class MeshVerifier:
         timeout: float,
         application: str = "",
         policy: FailoverSettings | None = None,
+        security: ClientSecurity | None = None,
     ) -> None:
-        clients = [VerifyClient(t, timeout, SINGLE_TRY, application) for t in targets]
+        clients = [VerifyClient(t, timeout, SINGLE_TRY, application, security) for t in targets]
         self.pool = EndpointPool("verify", clients, policy)
 
     async def verify(self, responses: list[str], ground_truth: str | None) -> list[Verdict]:

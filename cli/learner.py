@@ -10,8 +10,9 @@ import asyncio
 import logging
 from pathlib import Path
 
+from puremesh.rpc.auth import SecurityError, TokenFile, check_exposure, server_ssl_context
 from puremesh.rpc.server import ServiceHost
-from puremesh.rpc.settings import ServerSettings, log_settings
+from puremesh.rpc.settings import ServerSecurity, ServerSettings, log_settings
 from puremesh.trainer import checkpoint
 from puremesh.trainer.failover import ServiceUnreachable
 from puremesh.trainer.loop import Mesh, RunResult, train
@@ -39,28 +40,14 @@ async def learn(
     unreachable (trainer/failover.py) ends the run with one line naming it (CliError)."""
     out = Path(learner.out_dir)
     run = runs.open_run(out, checkpoint.latest(out) if resume else None)
-    store, bulk = weight_store(learner.weights, run, out / runs.RUN_FILE)
-    host = ServiceHost([weight_service(weight_servicer(store, learner.weights))], learner_server(learner))
-    try:
-        await host.start()
-    except BaseException:
-        close_weights(store, bulk)
-        raise
+    store, bulk, host = await serve_weights(learner, run, out / runs.RUN_FILE)
     log_settings("learner", learner)
     if bulk is not None:
         log.info("weights: gRPC on %s, bulk data plane on port %d", host.target, bulk.port)
     try:
         if on_weights_ready is not None:
             learner = await on_weights_ready(host.target, learner)
-        endpoints = learner.endpoints
-        timeout, apps, policy = endpoints.call_timeout_seconds, endpoints.applications, endpoints.failover
-        mesh = Mesh(
-            MeshRollout(endpoints.rollout, timeout, apps.get("rollout", ""), policy, run.run_id),
-            MeshScorer(endpoints.prm, timeout, apps.get("prm", ""), policy),
-            MeshVerifier(endpoints.verify, timeout, apps.get("verify", ""), policy),
-            store,
-            replicas=replicas,
-        )
+        mesh = connect(learner, store, run.run_id, replicas)
         try:
             return await train(learner, mesh, resume=resume, progress=progress, on_step=on_step)
         except ServiceUnreachable as error:
@@ -74,12 +61,54 @@ async def learn(
         await host.drain(grace=1)
 
 
+def connect(learner: LearnerSettings, store: WeightStore, run_id: str, replicas: int) -> Mesh:
+    """The clients of the services at learner.endpoints, each with its TLS and token file
+    (endpoints.security); an unreadable token file is one CliError line."""
+    endpoints = learner.endpoints
+    timeout, apps, policy = endpoints.call_timeout_seconds, endpoints.applications, endpoints.failover
+    security = endpoints.security
+    try:
+        return Mesh(
+            MeshRollout(
+                endpoints.rollout, timeout, apps.get("rollout", ""), policy, run_id, security.get("rollout")
+            ),
+            MeshScorer(endpoints.prm, timeout, apps.get("prm", ""), policy, security.get("prm")),
+            MeshVerifier(endpoints.verify, timeout, apps.get("verify", ""), policy, security.get("verify")),
+            store,
+            replicas=replicas,
+        )
+    except SecurityError as error:
+        raise CliError(f"learner.endpoints.security: {error}") from None
+
+
+async def serve_weights(
+    learner: LearnerSettings, run: runs.RunRecord, run_file: Path
+) -> tuple[WeightStore, BulkServer | None, ServiceHost]:
+    """The version store, its bulk port and the started WeightService; a security setting that
+    cannot be applied (a missing certificate or token file, an exposed plaintext bind) is one
+    CliError line."""
+    try:
+        store, bulk = weight_store(learner.weights, run, run_file)
+    except SecurityError as error:
+        raise CliError(f"learner.weights: {error}") from None
+    try:
+        host = ServiceHost([weight_service(weight_servicer(store, learner.weights))], learner_server(learner))
+        await host.start()
+    except BaseException as error:
+        close_weights(store, bulk)
+        if isinstance(error, SecurityError):
+            raise CliError(f"learner.weights: {error}") from None
+        raise
+    return store, bulk, host
+
+
 def learner_server(learner: LearnerSettings) -> ServerSettings:
-    """The learner's server: the WeightService on weights.host:port, /metrics on metrics_port
-    (bound on weights.host too: the address replicas and the ServiceMonitor both reach)."""
-    return ServerSettings(
-        host=learner.weights.host, port=learner.weights.port, metrics_port=learner.metrics_port
-    )
+    """The learner's server: the WeightService on weights.host:port with the weights' TLS and
+    subscriber tokens, /metrics on metrics_port (bound on weights.host too: the address
+    replicas and the ServiceMonitor both reach)."""
+    weights = learner.weights
+    security = weights.model_dump(include=set(ServerSecurity.model_fields))
+    return ServerSettings(host=weights.host, port=weights.port, metrics_port=learner.metrics_port, **security)
 
 
 def weight_store(
@@ -87,7 +116,10 @@ def weight_store(
 ) -> tuple[WeightStore, BulkServer | None]:
     """The learner's version store of `run` (whose highest version goes to `run_file` before each
     announcement) and, when `weights.bulk`, its bulk data plane (bound now), announced with every
-    version; both within `weights.limits`."""
+    version; both within `weights.limits`. The bulk port takes the WeightService's TLS (unless
+    weights.bulk_tls is false) and authenticates every connection with its tokens (rpc/auth.py);
+    a non-loopback host without TLS and tokens is refused (SecurityError) unless insecure."""
+    check_exposure(weights.host, weights, "the weight plane")
     limits = weights.limits
     store = WeightStore(
         retain=weights.retain_versions,
@@ -113,8 +145,10 @@ def weight_store(
         idle_timeout_s=limits.bulk_idle_timeout_seconds,
         transfer_grace_s=limits.transfer_grace_seconds,
         min_bytes_per_second=limits.min_transfer_bytes_per_second,
+        tls=server_ssl_context(weights) if weights.bulk_tls else None,
+        keys=TokenFile(weights.auth_tokens).keys if weights.auth_tokens else None,
     )
-    store.offer_bulk(bulk.port, weights.bulk_advertise_host)
+    store.offer_bulk(bulk.port, weights.bulk_advertise_host, bulk.protocol, bulk.tls is not None)
     return store, bulk
 
 

@@ -7,7 +7,9 @@ has not delivered a message, so a caller never sees a message twice.
 A service behind a Ray Serve gRPC proxy is named by the `application` metadata key on every
 call (services/ray_serve.py); `call_metadata` builds it, none for a standalone server. With a
 ClientSecurity (rpc/settings.py), the channel speaks TLS and every call carries the bearer token
-of its token file (`authorization: Bearer <token>`, read again when the file changes; rpc/auth.py).
+of its token file (`authorization: Bearer <token>`, read again when the file changes; rpc/auth.py):
+ServiceClient adds it to its call metadata; `open_channel(tokens=...)` adds it to every call on
+the channel with an interceptor, for code that calls raw stubs (the weight fetcher).
 """
 
 from __future__ import annotations
@@ -70,23 +72,48 @@ def call_metadata(application: str = "", tokens: TokenSource | None = None) -> M
     return tuple(entries) or None
 
 
+class _Bearer:
+    """Adds the current token of `tokens` to the metadata of every call."""
+
+    def __init__(self, tokens: TokenSource) -> None:
+        self.tokens = tokens
+
+    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        entry = ("authorization", f"Bearer {self.tokens.token()}")
+        return details._replace(metadata=grpc.aio.Metadata(*(details.metadata or ()), entry))
+
+
+# grpc.aio files an interceptor under its first interceptor type only: one class per call type.
+class _BearerUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._with_token(client_call_details), request)
+
+
+class _BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._with_token(client_call_details), request)
+
+
 def open_channel(
     target: str,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     security: ClientSecurity | None = None,
     options: list[tuple[str, Any]] | None = None,
+    tokens: TokenSource | None = None,
 ) -> grpc.aio.Channel:
-    """A channel to `target`: TLS when `security` asks for it (rpc/auth.py), else plaintext."""
+    """A channel to `target`: TLS when `security` asks for it (rpc/auth.py), else plaintext;
+    with `tokens`, every call on it carries the token (module docstring)."""
     settings = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         *channel_options(security),
         *(options or []),
     ]
+    interceptors = [_BearerUnary(tokens), _BearerStream(tokens)] if tokens is not None else None
     credentials = channel_credentials(security)
     if credentials is None:
-        return grpc.aio.insecure_channel(target, options=settings)
-    return grpc.aio.secure_channel(target, credentials, options=settings)
+        return grpc.aio.insecure_channel(target, options=settings, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, credentials, options=settings, interceptors=interceptors)
 
 
 def _as_rpc_error(error: grpc.aio.AioRpcError, target: str) -> RpcError:

@@ -9,7 +9,7 @@ from enum import StrEnum
 from pydantic import Field, model_validator
 
 from puremesh.contract.services import ServiceName
-from puremesh.rpc.settings import FrozenSettings
+from puremesh.rpc.settings import ClientSecurity, FrozenSettings, ServerSecurity
 from puremesh.weightsync.limits import WeightPlaneLimits
 
 from .algo.options import (
@@ -114,10 +114,19 @@ class EndpointSettings(FrozenSettings):
         description="Ray Serve application per service when its targets are Ray Serve gRPC proxies, "
         "sent as `application` metadata on every call (e.g. {rollout: rollout}); none = standalone",
     )
+    # --- security (issue 13): how the learner reaches each service (README "Security") -------
+    security: dict[ServiceName, ClientSecurity] = Field(
+        default_factory=dict,
+        description="TLS (tls_ca, tls_cert/tls_key for mTLS, tls_server_name) and the token file of "
+        "each service's endpoints (e.g. {prm: {tls_ca: ca.crt, token_file: prm.token}}); none = "
+        "plaintext without tokens",
+    )
 
 
-class WeightServerSettings(FrozenSettings):
-    """The learner's WeightService (gRPC control plane) and its bulk data plane (plain TCP)."""
+class WeightServerSettings(ServerSecurity):
+    """The learner's WeightService (gRPC control plane) and its bulk data plane (plain TCP).
+    Security (issue 13; ServerSecurity's fields, README "Security"): tls_cert/tls_key (TLS on both
+    planes), tls_client_ca (mTLS), auth_tokens (the subscriber tokens), insecure."""
 
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="WeightService port; 0 picks a free one")
@@ -146,6 +155,11 @@ class WeightServerSettings(FrozenSettings):
     limits: WeightPlaneLimits = Field(
         default_factory=WeightPlaneLimits,
         description="memory, thread and time bounds of the weight plane (weightsync/limits.py)",
+    )
+    bulk_tls: bool = Field(
+        True,
+        description="with tls_cert, the bulk port speaks TLS too; false keeps its bytes in the clear "
+        "(faster; still authenticated by the tokens' handshake and checked by the SHA-256)",
     )
 
 

@@ -9,7 +9,9 @@ connection, up to `max_attempts` passes. The checker also folds the chunks of th
 in order, into the whole version's SHA-256 (`sha256()`, recomputed from the buffer only when a
 chunk had to be asked for again), which the bulk transport compares with the announced one.
 Any failure raises `BulkError` with a reason, and the bulk transport (tcp_bulk.py) falls back
-to FetchWeights.
+to FetchWeights. Before any request the connection is wrapped in TLS (`tls`, when the learner
+announces bulk_tls) and authenticated with protocol 2's handshake (`key`, when it announces
+bulk_protocol 2; bulk_auth.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import socket
+import ssl
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -24,6 +27,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from puremesh.contract import bulk
 from puremesh.contract.bulk import BulkStatus, crc32
 from puremesh.contract.weights import chunk_count, chunk_range
+
+from .bulk_auth import HandshakeError, client_handshake
 
 RECV_BYTES = 4 << 20  # the most bytes asked of one recv_into
 # BulkError.reason per reply status; any other is "protocol"
@@ -37,7 +42,9 @@ class BulkError(Exception):
     (DescribeVersion failed), not_found (version no longer retained), unavailable (the learner
     refused: shutting down or busy), protocol (a reply or layout that breaks the contract),
     io (the connection broke or stalled), checksum (chunks still failing after the allowed
-    passes), sha256 (every chunk matched its CRC-32, the whole version not its SHA-256).
+    passes), sha256 (every chunk matched its CRC-32, the whole version not its SHA-256), tls
+    (the TLS handshake failed: e.g. a certificate this replica does not trust), or unauthenticated
+    (the learner refused this replica's token).
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -67,8 +74,12 @@ class BulkReceiver:
         max_attempts: int,
         connect_timeout_s: float,
         io_timeout_s: float,
+        tls: ssl.SSLContext | None = None,
+        server_name: str = "",
+        key: bytes | None = None,
     ) -> None:
         self.address = address
+        self.tls, self.server_name, self.key = tls, server_name or address[0], key
         self.version = version
         self.total = len(buffer)
         self._id = replica_id.encode()[: bulk.MAX_ID_BYTES]
@@ -142,6 +153,11 @@ class BulkReceiver:
             sock = socket.create_connection(self.address, timeout=self.connect_timeout_s)
         except OSError as error:
             raise BulkError("connect", f"cannot connect to the bulk port {self._where()}: {error}") from error
+        try:
+            sock = self._secure(sock)
+        except BaseException:
+            sock.close()
+            raise
         sock.settimeout(self.io_timeout_s)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -151,6 +167,22 @@ class BulkReceiver:
         if aborted:
             sock.close()
             raise BulkError("io", "aborted")
+        return sock
+
+    def _secure(self, sock: socket.socket) -> socket.socket:
+        """TLS (within the connect timeout), then the handshake, when the learner asks for them."""
+        try:
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_hostname=self.server_name)
+            if self.key is not None:
+                client_handshake(sock, self.key, self._id)
+        except ssl.SSLError as error:
+            raise BulkError("tls", f"TLS with the bulk port {self._where()} failed: {error}") from error
+        except HandshakeError as error:
+            reason = "unauthenticated" if error.unauthenticated else "protocol"
+            raise BulkError(reason, f"bulk port {self._where()}: {error}") from error
+        except (OSError, ConnectionError) as error:
+            raise BulkError("io", f"bulk port {self._where()} broke the handshake: {error!r}") from error
         return sock
 
     def _receive(self, ranges: list[tuple[int, int]]) -> list[int]:
@@ -170,7 +202,8 @@ class BulkReceiver:
         """One request and its reply, straight into the buffer; the checks go to `checks`."""
         assert self._sock is not None
         sock, view = self._sock, self._view
-        sock.sendall(bulk.pack_request(self.version, start, stop - start, self._id))
+        protocol = bulk.PROTOCOL_AUTH if self.key is not None else bulk.PROTOCOL
+        sock.sendall(bulk.pack_request(self.version, start, stop - start, self._id, protocol))
         self._read_reply_header(sock, stop - start)
         pos = start
         index = -1  # the next chunk of this range to check; -1 until the layout is known

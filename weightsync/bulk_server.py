@@ -18,6 +18,12 @@ memoryview slices of the version's retained buffer (zero copy). Limits, none set
 - the version is held (`acquire` / `release` of its `VersionSource`, the store) only while a
   reply is sent; a publish that revokes it (store.py) shuts the connection down at once.
 
+Authentication (weights.proto, "Authentication"; bulk_auth.py): with `tls` every connection is
+TLS, its handshake done by the connection's thread within header_timeout_s; with `keys` (the
+accepted tokens) every connection must pass protocol 2's handshake before any byte of weights
+goes out, and its requests must carry the replica id it authenticated (the one whose transfers
+count, replicas.py). A failed handshake gets UNAUTHENTICATED and the connection is closed.
+
 Bad requests get an error reply and the server goes on serving. The byte range of each reply
 is noted with the store (`sent`) as it goes out; the store counts a transfer complete once the
 ranges cover the version, and the replica's ConfirmVersion, with the version's SHA-256, proves
@@ -32,9 +38,10 @@ import collections
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from prometheus_client import Counter
@@ -42,6 +49,18 @@ from prometheus_client import Counter
 from puremesh.contract import bulk
 from puremesh.contract.bulk import BulkStatus
 
+from .bulk_auth import HandshakeError, serve_handshake, tls_handshake
+from .bulk_wire import (
+    ACCEPT_POLL_S,
+    BULK_CLOSED,
+    BULK_REQUESTS,
+    close_gracefully,
+    listen,
+    read_replica_id,
+    refuse,
+    reply_error,
+    send_by,
+)
 from .servicer import DEFAULT_MIN_BYTES_PER_SECOND, DEFAULT_TRANSFER_GRACE_S, transfer_deadline
 
 log = logging.getLogger(__name__)
@@ -52,20 +71,9 @@ DEFAULT_HEADER_TIMEOUT_S = 5.0
 DEFAULT_IDLE_TIMEOUT_S = 60.0
 # Bytes per sendall: bounds how long close() waits for a send in flight to notice.
 SEND_SLICE_BYTES = 4 << 20
-ACCEPT_POLL_S = 0.5
 
 BULK_SENT_BYTES = Counter(
     "puremesh_learner_weight_bulk_sent_bytes_total", "Tensor bytes sent over the bulk data plane"
-)
-BULK_REQUESTS = Counter(
-    "puremesh_learner_weight_bulk_requests_total",
-    "Requests answered by the bulk data plane, by reply status",
-    ["status"],  # BulkStatus labels: ok | not_found | out_of_range | bad_request | unavailable
-)
-BULK_CLOSED = Counter(
-    "puremesh_learner_weight_bulk_cut_connections_total",
-    "Bulk connections the learner cut, by reason",
-    ["reason"],  # refused | header_timeout | idle | slow_reader | revoked
 )
 
 
@@ -98,7 +106,9 @@ class BulkServer:
     Binds at construction (`port` 0 picks a free one; `self.port` says which).
 
     `payload(held, start, stop)` gives the bytes sent for [start, stop) of a version: a view of
-    its buffer; tests override it to tamper with what goes out.
+    its buffer; tests override it to tamper with what goes out. `tls`: the TLS context of every
+    connection (rpc/auth.py server_ssl_context); `keys`: the accepted tokens' keys
+    (rpc/auth.py TokenFile.keys), which makes every connection authenticate (protocol 2).
     """
 
     def __init__(
@@ -113,13 +123,16 @@ class BulkServer:
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         transfer_grace_s: float = DEFAULT_TRANSFER_GRACE_S,
         min_bytes_per_second: float = DEFAULT_MIN_BYTES_PER_SECOND,
+        tls: ssl.SSLContext | None = None,
+        keys: Callable[[], Sequence[bytes]] | None = None,
     ) -> None:
         self.source = source
+        self.tls, self.keys = tls, keys
         self.max_connections = max_connections
         self.max_connections_per_peer = max_connections_per_peer
         self.header_timeout_s, self.idle_timeout_s = header_timeout_s, idle_timeout_s
         self.transfer_grace_s, self.min_bytes_per_second = transfer_grace_s, min_bytes_per_second
-        self._listener = _listen(host, port)
+        self._listener = listen(host, port)
         self.host = host
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
@@ -136,6 +149,11 @@ class BulkServer:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def protocol(self) -> int:
+        """The protocol announced to replicas: 2 (authenticated) with keys, else 1."""
+        return bulk.PROTOCOL_AUTH if self.keys is not None else bulk.PROTOCOL
 
     @property
     def connections(self) -> int:
@@ -195,6 +213,12 @@ class BulkServer:
     def _admit(self, conn: socket.socket, peer: str) -> None:
         with contextlib.suppress(OSError):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:  # the handshake runs on the connection's thread
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+            except OSError:
+                conn.close()
+                return
         with self._lock:
             why = self._refusal(peer)
             if why is None:
@@ -205,7 +229,7 @@ class BulkServer:
                 self._peers[peer] += 1
         if why is not None:
             BULK_CLOSED.labels("refused").inc()
-            _refuse(conn, f"the learner's bulk server is {why}")
+            refuse(conn, f"the learner's bulk server is {why}")
             return
         thread.start()
 
@@ -223,13 +247,16 @@ class BulkServer:
         """One connection: answer requests in order until the client closes it, a request is
         malformed or late, a reply is read too slowly, or the server closes."""
         try:
+            identity = self._authenticate(conn)
+            if identity is None:
+                return
             while not self._closed:
-                request = self._read_request(conn)
+                request = self._read_request(conn, *identity)
                 if request is None:
                     return
                 head, replica_id = request
                 if replica_id is None or not self._answer(conn, replica_id, head):
-                    _close_gracefully(conn)
+                    close_gracefully(conn)
                     return
         except OSError:
             return  # the client went away or stalled, or the server closed
@@ -241,7 +268,29 @@ class BulkServer:
                     del self._peers[peer]
             conn.close()
 
-    def _read_request(self, conn: socket.socket) -> tuple[bulk.Request, str | None] | None:
+    def _authenticate(self, conn: socket.socket) -> tuple[int, str | None] | None:
+        """TLS and the handshake (module docstring): (the connection's protocol, the replica id
+        it authenticated or None without keys); None when the connection must close."""
+        try:
+            if isinstance(conn, ssl.SSLSocket):
+                tls_handshake(conn, self.header_timeout_s)
+            if self.keys is None:
+                return bulk.PROTOCOL, None
+            deadline = time.monotonic() + self.header_timeout_s
+            return bulk.PROTOCOL_AUTH, serve_handshake(conn, self.keys, deadline)
+        except HandshakeError:
+            BULK_REQUESTS.labels("unauthenticated").inc()
+            BULK_CLOSED.labels("unauthenticated").inc()
+            close_gracefully(conn)
+        except ssl.SSLError:
+            BULK_CLOSED.labels("tls").inc()
+        except TimeoutError:
+            BULK_CLOSED.labels("header_timeout").inc()
+        return None
+
+    def _read_request(
+        self, conn: socket.socket, protocol: int, identity: str | None
+    ) -> tuple[bulk.Request, str | None] | None:
         """The next request and its replica id (None after a BAD_REQUEST reply); None when the
         client closed the connection or it stayed idle for idle_timeout_s."""
         conn.settimeout(self.idle_timeout_s)
@@ -257,7 +306,7 @@ class BulkServer:
             rest = bulk.recv_exact(conn, bulk.REQUEST.size - 1, deadline=deadline)
             assert rest is not None
             head = bulk.unpack_request(first + rest)
-            return head, _read_replica_id(conn, head, deadline)
+            return head, read_replica_id(conn, head, deadline, protocol, identity)
         except TimeoutError:
             BULK_CLOSED.labels("header_timeout").inc()
             return None
@@ -266,12 +315,12 @@ class BulkServer:
         """Answer one well-formed request; False when the connection must close."""
         source, version, offset, length = self.source, request.version, request.offset, request.length
         if self._closed or source.closed:
-            _reply_error(conn, BulkStatus.UNAVAILABLE, "the learner is shutting down")
+            reply_error(conn, BulkStatus.UNAVAILABLE, "the learner is shutting down")
             return False
         try:
             held = source.acquire(version)  # its bytes stay intact until release
         except LookupError as error:  # VersionNotFound
-            _reply_error(conn, BulkStatus.NOT_FOUND, str(error))
+            reply_error(conn, BulkStatus.NOT_FOUND, str(error))
             return True
         try:
             total = len(held.data)
@@ -279,7 +328,7 @@ class BulkServer:
                 message = (
                     f"bytes [{offset}, {offset + length}) out of range: version {version} has {total} bytes"
                 )
-                _reply_error(conn, BulkStatus.OUT_OF_RANGE, message)
+                reply_error(conn, BulkStatus.OUT_OF_RANGE, message)
                 return True
             with self._lock:
                 self._sending[conn] = held
@@ -300,87 +349,11 @@ class BulkServer:
         connection was cut (revoked)."""
         limit = transfer_deadline(stop - start, self.transfer_grace_s, self.min_bytes_per_second)
         deadline = time.monotonic() + limit
-        _send_by(conn, bulk.pack_reply(BulkStatus.OK, stop - start), deadline)
+        send_by(conn, bulk.pack_reply(BulkStatus.OK, stop - start), deadline)
         for begin in range(start, stop, SEND_SLICE_BYTES):
             if self._closed or self.source.closed or held.revoked:
                 return False
             end = min(begin + SEND_SLICE_BYTES, stop)
-            _send_by(conn, self.payload(held, begin, end), deadline)
+            send_by(conn, self.payload(held, begin, end), deadline)
             BULK_SENT_BYTES.inc(end - begin)
         return True
-
-
-def _send_by(conn: socket.socket, data: memoryview | bytes, deadline: float) -> None:
-    """sendall, all of it before `deadline` (time.monotonic()); TimeoutError otherwise."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("the transfer deadline passed")
-    conn.settimeout(left)  # sendall's timeout bounds the whole call (Python >= 3.5)
-    try:
-        conn.sendall(data)
-    except TimeoutError:
-        BULK_CLOSED.labels("slow_reader").inc()
-        raise
-
-
-def _read_replica_id(conn: socket.socket, request: bulk.Request, deadline: float) -> str | None:
-    """The replica id after a request header; None (after a BAD_REQUEST reply) when the
-    header or the id is malformed."""
-    if not request.well_formed:
-        _reply_error(
-            conn,
-            BulkStatus.BAD_REQUEST,
-            f"expected magic {bulk.MAGIC!r} protocol {bulk.PROTOCOL} and a replica id of at most "
-            f"{bulk.MAX_ID_BYTES} bytes, got {request.magic!r} protocol {request.protocol} id of "
-            f"{request.id_length} bytes",
-        )
-        return None
-    raw_id = bulk.recv_exact(conn, request.id_length, deadline=deadline)
-    assert raw_id is not None
-    try:
-        return raw_id.decode()
-    except UnicodeDecodeError:
-        _reply_error(conn, BulkStatus.BAD_REQUEST, "the replica id is not UTF-8")
-        return None
-
-
-def _reply_error(conn: socket.socket, status: BulkStatus, message: str) -> None:
-    BULK_REQUESTS.labels(status.label).inc()
-    conn.sendall(bulk.pack_error(status, message))
-
-
-def _refuse(conn: socket.socket, message: str) -> None:
-    """Refuse a connection from the accepting thread: one non-blocking UNAVAILABLE reply (it
-    fits the socket buffer), read what already came (closing with unread input would reset the
-    connection before the client reads the reply), close."""
-    BULK_REQUESTS.labels(BulkStatus.UNAVAILABLE.label).inc()
-    with contextlib.suppress(OSError):
-        conn.setblocking(False)
-        conn.send(bulk.pack_error(BulkStatus.UNAVAILABLE, message))
-        conn.shutdown(socket.SHUT_WR)
-        conn.recv(1 << 16)
-    conn.close()
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port (IPv4, IPv6 or a name; "0.0.0.0" / "::" = all)."""
-    host = host.strip("[]")
-    family, _, _, _, address = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    dualstack = family == socket.AF_INET6 and host in ("", "::") and socket.has_dualstack_ipv6()
-    listener = socket.create_server(address[:2], family=family, backlog=128, dualstack_ipv6=dualstack)
-    listener.settimeout(ACCEPT_POLL_S)
-    return listener
-
-
-def _close_gracefully(conn: socket.socket, linger_s: float = 1.0) -> None:
-    """End our side after a final reply and read what the client still sends (up to `linger_s`
-    s): closing with unread input would reset the connection, and a reset can destroy the reply
-    before the client reads it."""
-    with contextlib.suppress(OSError):
-        conn.shutdown(socket.SHUT_WR)
-        conn.settimeout(linger_s)
-        deadline = time.monotonic() + linger_s
-        while time.monotonic() < deadline and conn.recv(65536):
-            pass

@@ -5,6 +5,9 @@ reused from one version to the next.
 The tensors handed on are views of that buffer (no copy); `recycle` gives the buffer back for
 the next version once they have been copied (page faults on a fresh buffer cost about as much
 as hashing it). No engine here: the subscriber (subscriber.py) swaps the versions in.
+
+With a ClientSecurity (the replica's `weights_security`), the channel to the learner speaks TLS
+and every call carries the subscriber token; the bulk transport uses both for the bulk port.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import torch
 from prometheus_client import Histogram
 
 from puremesh.contract.weights import split_chunk
-from puremesh.rpc.client import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, RpcError
+from puremesh.rpc.auth import token_source
+from puremesh.rpc.client import RetryPolicy, RpcError, open_channel
+from puremesh.rpc.settings import ClientSecurity
 from puremesh.weights.v1 import weights_pb2, weights_pb2_grpc
 
 from .grpc_stream import GrpcStreamTransport
@@ -42,19 +47,13 @@ FETCH_SECONDS = Histogram(
 )
 
 
-def _open_channel(target: str, max_backoff_s: float) -> grpc.aio.Channel:
-    backoff_ms = max(100, int(max_backoff_s * 1000))
-    return grpc.aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-            # a restarted learner is found again within the retry policy's backoff
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", backoff_ms),
-        ],
-    )
+def _reconnect_options(max_backoff_s: float) -> list[tuple[str, int]]:
+    """A restarted learner is found again within the retry policy's backoff."""
+    return [
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", max(100, int(max_backoff_s * 1000))),
+    ]
 
 
 class WeightFetcher:
@@ -62,15 +61,23 @@ class WeightFetcher:
 
     target: the learner's WeightService, host:port. replica_id: this replica's stable id (the
     learner tracks versions per id). options: see FetchOptions (`bulk=False`: never the bulk
-    data plane).
+    data plane). security: TLS and the subscriber token (module docstring); None = plaintext.
     """
 
-    def __init__(self, target: str, replica_id: str, options: FetchOptions | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        replica_id: str,
+        options: FetchOptions | None = None,
+        security: ClientSecurity | None = None,
+    ) -> None:
         if not replica_id:
             raise ValueError("replica_id must not be empty")
         options = options or FetchOptions()
         self.options = options
-        self._channel = _open_channel(target, options.retry.max_backoff_s)
+        tokens = token_source(security)  # SecurityError: an unreadable or empty token file
+        reconnect = _reconnect_options(options.retry.max_backoff_s)
+        self._channel = open_channel(target, security=security, options=reconnect, tokens=tokens)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="weights-sha")
         self.link = Link(
             target=target,
@@ -83,6 +90,8 @@ class WeightFetcher:
                 response_deserializer=split_chunk,
             ),
             worker=self._worker,
+            security=security,
+            tokens=tokens,
         )
         self.transports: dict[int, Transport] = {
             value: factory(self.link)

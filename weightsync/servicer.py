@@ -93,6 +93,8 @@ def announcement(info: VersionInfo) -> weights_pb2.VersionAnnouncement:
         bulk_port=info.bulk_port,
         bulk_host=info.bulk_host,
         run_id=info.run_id,
+        bulk_protocol=info.bulk_protocol,
+        bulk_tls=info.bulk_tls,
     )
 
 

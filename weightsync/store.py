@@ -122,15 +122,17 @@ class WeightStore:
         self._replicas = ReplicaBook(self._changed, ttl_s=replica_ttl_s, max_records=max_replica_records)
         self._revoke_listeners: list[Callable[[StoredVersion], None]] = []
         self._closed = False
-        self._bulk: tuple[int, str] = (0, "")  # (port, advertised host) of a bulk data plane
+        # (port, advertised host, protocol, TLS) of a bulk data plane
+        self._bulk: tuple[int, str, int, bool] = (0, "", 1, False)
 
     # ------------------------------------------------------------------ state
 
-    def offer_bulk(self, port: int, host: str = "") -> None:
+    def offer_bulk(self, port: int, host: str = "", protocol: int = 1, tls: bool = False) -> None:
         """Announce the versions published from now on with a bulk data plane at `port`
         (bulk_server.py); `host` is the announced host, empty = the host each replica reaches
-        the WeightService at (the usual case, also behind a Kubernetes Service)."""
-        self._bulk = (port, host)
+        the WeightService at (the usual case, also behind a Kubernetes Service); `protocol` and
+        `tls` say how it authenticates (BulkServer.protocol, its TLS)."""
+        self._bulk = (port, host, protocol, tls)
 
     def on_revoke(self, listener: Callable[[StoredVersion], None]) -> None:
         """Call `listener(stored)` (on the publishing thread) when a version is revoked."""
@@ -241,7 +243,7 @@ class WeightStore:
         return info
 
     def _info(self, version: int, total: int, chunks: int, tensors: int, sha256: str) -> VersionInfo:
-        port, host = self._bulk
+        port, host, protocol, tls = self._bulk
         return VersionInfo(
             version=version,
             total_bytes=total,
@@ -255,6 +257,8 @@ class WeightStore:
             bulk_host=host,
             bulk_chunk_bytes=self.bulk_chunk_bytes,
             run_id=self.run_id,
+            bulk_protocol=protocol,
+            bulk_tls=tls,
         )
 
     def _storage_for(self, total: int) -> torch.Tensor:

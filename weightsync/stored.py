@@ -36,6 +36,8 @@ class VersionInfo:
     bulk_host: str = ""  # announced bulk host; empty = the host the replica reaches the learner at
     bulk_chunk_bytes: int = DEFAULT_BULK_CHUNK_BYTES  # chunk size of the CRC-32s
     run_id: str = ""  # the learner run (weights.proto VersionAnnouncement.run_id)
+    bulk_protocol: int = 1  # 2: the bulk port authenticates every connection (weights.proto)
+    bulk_tls: bool = False  # the bulk port speaks TLS
 
 
 class StoredVersion:

@@ -11,12 +11,17 @@ On any failure (port unreachable, protocol error, a broken or stalled connection
 keep failing) the download falls back to the gRPC stream (grpc_stream.py), logs a warning (once,
 until bulk works again) and counts it in `puremesh_rollout_weight_bulk_fallbacks_total{reason}`.
 After a connection failure the bulk path rests for `bulk_retry_after_s` before it is tried again.
+
+When the announcement says so, the connection is TLS (bulk_tls: the replica's CA and client
+certificate, its `weights_security`) and authenticated first (bulk_protocol 2: the handshake with
+the replica's token, bulk_auth.py). A replica without a token skips such a bulk port.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,7 +29,9 @@ import grpc
 import torch
 from prometheus_client import Counter
 
+from puremesh.contract import bulk
 from puremesh.contract.weights import Manifest, ManifestError, parse_manifest
+from puremesh.rpc.auth import client_ssl_context, hmac_key
 from puremesh.weights.v1 import weights_pb2
 
 from .bulk_receiver import BulkError, BulkReceiver, target_host
@@ -40,7 +47,7 @@ BULK_FALLBACKS = Counter(
     "puremesh_rollout_weight_bulk_fallbacks_total",
     "Downloads that fell back from the bulk data plane to FetchWeights, by reason",
     ["reason"],  # BulkError reasons: connect | describe | not_found | unavailable | protocol | io | checksum
-    # | sha256
+    # | sha256 | tls | unauthenticated
 )
 
 
@@ -53,6 +60,7 @@ class TcpBulkTransport:
         self.resumes_at = 0.0  # time.monotonic() before which bulk is not tried
         self._warned = False
         self._receivers = ThreadPoolExecutor(1, thread_name_prefix="weights-bulk")
+        self._tls = client_ssl_context(link.security)  # None: plaintext, or the system's CAs
 
     def close(self) -> None:
         self._receivers.shutdown(wait=False)
@@ -63,6 +71,8 @@ class TcpBulkTransport:
         (no bulk port, a target without a host, or resting after a connection failure)."""
         if not announcement.bulk_port or time.monotonic() < self.resumes_at:
             return None
+        if announcement.bulk_protocol >= bulk.PROTOCOL_AUTH and self.link.tokens is None:
+            return None  # nothing to authenticate with: FetchWeights says why
         host = announcement.bulk_host or target_host(self.link.target)
         return (host, announcement.bulk_port) if host else None
 
@@ -110,6 +120,7 @@ class TcpBulkTransport:
             max_attempts=options.retry.max_attempts,
             connect_timeout_s=options.bulk_connect_timeout_s,
             io_timeout_s=options.bulk_io_timeout_s,
+            **self._credentials(announcement),
         )
         running = asyncio.wrap_future(self._receivers.submit(receiver.run))
         running.add_done_callback(_consume)  # its error, if it is aborted, is nobody's to raise
@@ -137,6 +148,17 @@ class TcpBulkTransport:
                 f"SHA-256 {digest} is not the announced {announcement.sha256}",
             )
         return FetchedVersion(announcement.version, manifest, buffer, announcement.run_id, digest)
+
+    def _credentials(self, announcement: Announcement) -> dict:
+        """BulkReceiver's TLS context, server name and handshake key for `announcement`."""
+        security, tokens = self.link.security, self.link.tokens
+        tls = (self._tls or ssl.create_default_context()) if announcement.bulk_tls else None
+        authenticate = announcement.bulk_protocol >= bulk.PROTOCOL_AUTH and tokens is not None
+        return {
+            "tls": tls,
+            "server_name": security.tls_server_name if security is not None else "",
+            "key": hmac_key(tokens.token()) if authenticate and tokens is not None else None,
+        }
 
     async def _describe(self, announcement: Announcement, receiver: BulkReceiver) -> Manifest:
         """DescribeVersion: hand the chunk CRC-32s to `receiver`, return the manifest."""

@@ -24,7 +24,9 @@ import torch
 from prometheus_client import Counter
 
 from puremesh.contract.weights import Manifest, rebuild_tensors
+from puremesh.rpc.auth import TokenSource
 from puremesh.rpc.client import RetryPolicy
+from puremesh.rpc.settings import ClientSecurity
 from puremesh.weights.v1 import weights_pb2, weights_pb2_grpc
 
 DEFAULT_FETCH_TIMEOUT_S = 600.0
@@ -91,6 +93,8 @@ class Announcement:
     bulk_port: int = 0  # 0 = no bulk data plane
     bulk_host: str = ""  # empty = the host of the fetcher's target
     run_id: str = ""  # the learner run; versions compare only within one run
+    bulk_protocol: int = 1  # 2: authenticate each bulk connection first (weights.proto)
+    bulk_tls: bool = False  # the bulk port speaks TLS
 
     @classmethod
     def from_proto(cls, message: weights_pb2.VersionAnnouncement) -> Announcement:
@@ -104,6 +108,8 @@ class Announcement:
             bulk_port=message.bulk_port,
             bulk_host=message.bulk_host,
             run_id=message.run_id,
+            bulk_protocol=message.bulk_protocol or 1,
+            bulk_tls=message.bulk_tls,
         )
 
 
@@ -134,6 +140,10 @@ class Link:
     fetch_chunks: Callable[..., Any]
     # copies and hashes FetchWeights chunks, checks bulk CRC-32s (one thread is enough)
     worker: ThreadPoolExecutor
+    # TLS and the token file (the channel sends the token on every call; the bulk port's TLS
+    # and handshake use them too: tcp_bulk.py)
+    security: ClientSecurity | None = None
+    tokens: TokenSource | None = None
 
 
 class Transport(Protocol):

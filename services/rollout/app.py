@@ -63,7 +63,8 @@ def rollout_service(settings: RolloutSettings) -> ServiceDefinition:
     servicer = RolloutServicer(settings, engine, replica_id)
     subscriber = None
     if settings.weights_target:
-        fetcher = WeightFetcher(settings.weights_target, replica_id, FetchOptions(bulk=settings.weights_bulk))
+        options = FetchOptions(bulk=settings.weights_bulk)
+        fetcher = WeightFetcher(settings.weights_target, replica_id, options, settings.weights_security)
         subscriber = WeightSubscriber(engine, fetcher, on_version=POLICY_VERSION.set)
 
     async def start() -> None:

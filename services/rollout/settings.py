@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from puremesh.contract.services import SERVICES, ServiceName
-from puremesh.rpc.settings import FrozenSettings, ServerSettings
+from puremesh.rpc.settings import ClientSecurity, FrozenSettings, ServerSettings
 
 ENV_PREFIX = "PUREMESH_ROLLOUT__"
 INFO = SERVICES[ServiceName.ROLLOUT]
@@ -51,6 +51,11 @@ class RolloutSettings(FrozenSettings):
         True,
         description="receive weights over the learner's bulk data plane (plain TCP, per-chunk CRC-32) "
         "when it offers one; on any failure, and when false, FetchWeights (gRPC) is used",
+    )
+    weights_security: ClientSecurity = Field(
+        default_factory=ClientSecurity,
+        description="TLS (tls_ca; tls_cert/tls_key for mTLS) and the subscriber token file with which the "
+        "replica reaches the learner's WeightService and bulk port",
     )
     weights_sync_timeout_seconds: float = Field(
         60.0,

@@ -180,7 +180,7 @@ def observe(prometheus: LocalPrometheus, targets: list[str], observed: Observed)
 
 
 @pytest.fixture(scope="module")
-def observed(tiny_policy_dir, tiny_prm_dir, addition_problems, tmp_path_factory) -> Observed:
+def observed(tiny_policy_dir, tiny_prm_dir, addition_problems, pki, tmp_path_factory) -> Observed:
     tool("prometheus")  # skip early when it is missing
     work = tmp_path_factory.mktemp("metrics")
     learner_port = free_port()
@@ -193,7 +193,8 @@ def observed(tiny_policy_dir, tiny_prm_dir, addition_problems, tmp_path_factory)
                 "steps": STEPS,
                 "checkpoint_every": STEPS,
                 "metrics_port": learner_port,
-                "weights": {"host": "0.0.0.0"},  # as the chart sets it: /metrics binds there too
+                # as the chart sets it: /metrics binds there too; all addresses need TLS and tokens
+                "weights": {"host": "0.0.0.0", **pki.server_security("weights", mtls=False)},
                 "optim": {"lr": 1e-4, "minibatches": 2},
                 "sampling": {
                     "prompts_per_step": 2,
@@ -204,7 +205,11 @@ def observed(tiny_policy_dir, tiny_prm_dir, addition_problems, tmp_path_factory)
             },
             "mesh": {
                 "rollout_replicas": 1,
-                "rollout": {"engine": "hf", "server": ALL_ADDRESSES},
+                "rollout": {
+                    "engine": "hf",
+                    "server": ALL_ADDRESSES,
+                    "weights_security": {"tls_ca": pki.ca, "token_file": pki.token_file("weights")},
+                },
                 "prm": {"model_path": str(tiny_prm_dir), "server": ALL_ADDRESSES},
                 "verify": {"workers": 1, "server": ALL_ADDRESSES},
             },

@@ -5,6 +5,7 @@ framing against the byte layout written in weights.proto's file comment."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 import socket
 import struct
 import zlib
@@ -145,8 +146,29 @@ def test_bulk_framing_matches_the_proto_comment() -> None:
         2: "out_of_range",
         3: "bad_request",
         4: "unavailable",
+        5: "challenge",
+        6: "unauthenticated",
     }
     assert bulk.crc32(b"weights") == zlib.crc32(b"weights") and bulk.crc32(b"") == 0
+
+
+def test_bulk_handshake_framing_matches_the_proto_comment() -> None:
+    # challenge: a reply header (status 5, reserved 2, length 32) and the 32-byte nonce
+    nonce = bytes(range(32))
+    challenge = bulk.pack_challenge(nonce)
+    assert challenge == b"PMWB" + struct.pack("<HHQ", 5, 2, 32) + nonce and len(challenge) == 48
+    # hello: "PMWB", protocol 2, id_length, HMAC-SHA256(SHA-256(token), context || nonce || id), id
+    key = hashlib.sha256(b"a token").digest()
+    mac = hmac.new(key, b"puremesh-bulk-v2" + nonce + b"r-1", hashlib.sha256).digest()
+    hello = bulk.pack_hello(key, nonce, b"r-1")
+    assert hello == b"PMWB" + struct.pack("<HH", 2, 3) + mac + b"r-1" and bulk.HELLO.size == 40
+    parsed = bulk.unpack_hello(hello[:40])
+    assert parsed.well_formed and parsed.mac == mac and parsed.id_length == 3
+    assert not bulk.unpack_hello(b"PMWB" + struct.pack("<HH", 1, 3) + mac).well_formed
+    assert bulk.hello_mac(key, bytes(32), b"r-1") != mac, "another nonce, another MAC"
+    # requests after the handshake carry protocol 2
+    request = bulk.unpack_request(bulk.pack_request(7, 0, 1, b"r-1", bulk.PROTOCOL_AUTH)[:32])
+    assert request.conforms(2) and not request.conforms(1) and not request.well_formed
 
 
 def test_recv_exact() -> None:

@@ -63,6 +63,7 @@ class PrmServiceServicer:
         DEADLINE_EXCEEDED   the client deadline passed before all items were scored.
         CANCELLED           the client cancelled the call.
         INTERNAL            the scorer failed for the whole batch unexpectedly.
+        UNAUTHENTICATED     no token, or one the server does not accept (when it has tokens).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -74,6 +74,7 @@ class RolloutServiceServicer:
         DEADLINE_EXCEEDED   the client deadline passed before all samples finished.
         CANCELLED           the client cancelled the call.
         INTERNAL            the engine failed unexpectedly.
+        UNAUTHENTICATED     no token, or one the server does not accept (when it has tokens).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -89,6 +90,7 @@ class RolloutServiceServicer:
         OK                  always while the server runs.
         UNAVAILABLE         the server is shutting down.
         DEADLINE_EXCEEDED   the client deadline passed.
+        UNAUTHENTICATED     no token, or one the server does not accept (when it has tokens).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -64,6 +64,7 @@ class VerifyServiceServicer:
         DEADLINE_EXCEEDED   the client deadline passed before all items were graded.
         CANCELLED           the client cancelled the call.
         INTERNAL            the grading pool failed for the whole batch unexpectedly.
+        UNAUTHENTICATED     no token, or one the server does not accept (when it has tokens).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

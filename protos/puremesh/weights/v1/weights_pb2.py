@@ -24,33 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!puremesh/weights/v1/weights.proto\x12\x13puremesh.weights.v1\"S\n\x14WatchVersionsRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\x04\x12\x0e\n\x06run_id\x18\x03 \x01(\t\"\xdf\x01\n\x13VersionAnnouncement\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_chunks\x18\x03 \x01(\r\x12\x13\n\x0bnum_tensors\x18\x04 \x01(\r\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x31\n\ttransport\x18\x06 \x01(\x0e\x32\x1e.puremesh.weights.v1.Transport\x12\x11\n\tbulk_port\x18\x07 \x01(\r\x12\x11\n\tbulk_host\x18\x08 \x01(\t\x12\x0e\n\x06run_id\x18\t \x01(\t\"j\n\x13\x46\x65tchWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x15\n\rchunk_indices\x18\x03 \x03(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\"\xa4\x01\n\x0bWeightChunk\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\x14\n\x0ctotal_chunks\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x31\n\x08manifest\x18\x07 \x03(\x0b\x32\x1f.puremesh.weights.v1.TensorSpec\"X\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"=\n\x16\x44\x65scribeVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x12\n\nreplica_id\x18\x02 \x01(\t\"\xb8\x01\n\rVersionLayout\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x31\n\x08manifest\x18\x04 \x03(\x0b\x32\x1f.puremesh.weights.v1.TensorSpec\x12\x19\n\x11\x63rc32_chunk_bytes\x18\x05 \x01(\r\x12\x13\n\x0b\x63hunk_crc32\x18\x06 \x03(\x07\x12\x0e\n\x06run_id\x18\x07 \x01(\t\"\\\n\x15\x43onfirmVersionRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"1\n\x16\x43onfirmVersionResponse\x12\x17\n\x0f\x63urrent_version\x18\x01 \x01(\x04*m\n\tTransport\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x19\n\x15TRANSPORT_GRPC_STREAM\x10\x01\x12\x12\n\x0eTRANSPORT_NCCL\x10\x02\x12\x16\n\x12TRANSPORT_TCP_BULK\x10\x03\x32\xa4\x03\n\rWeightService\x12\x66\n\rWatchVersions\x12).puremesh.weights.v1.WatchVersionsRequest\x1a(.puremesh.weights.v1.VersionAnnouncement0\x01\x12\\\n\x0c\x46\x65tchWeights\x12(.puremesh.weights.v1.FetchWeightsRequest\x1a .puremesh.weights.v1.WeightChunk0\x01\x12\x62\n\x0f\x44\x65scribeVersion\x12+.puremesh.weights.v1.DescribeVersionRequest\x1a\".puremesh.weights.v1.VersionLayout\x12i\n\x0e\x43onfirmVersion\x12*.puremesh.weights.v1.ConfirmVersionRequest\x1a+.puremesh.weights.v1.ConfirmVersionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!puremesh/weights/v1/weights.proto\x12\x13puremesh.weights.v1\"S\n\x14WatchVersionsRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\x04\x12\x0e\n\x06run_id\x18\x03 \x01(\t\"\x88\x02\n\x13VersionAnnouncement\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_chunks\x18\x03 \x01(\r\x12\x13\n\x0bnum_tensors\x18\x04 \x01(\r\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x31\n\ttransport\x18\x06 \x01(\x0e\x32\x1e.puremesh.weights.v1.Transport\x12\x11\n\tbulk_port\x18\x07 \x01(\r\x12\x11\n\tbulk_host\x18\x08 \x01(\t\x12\x0e\n\x06run_id\x18\t \x01(\t\x12\x15\n\rbulk_protocol\x18\n \x01(\r\x12\x10\n\x08\x62ulk_tls\x18\x0b \x01(\x08\"j\n\x13\x46\x65tchWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x15\n\rchunk_indices\x18\x03 \x03(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\"\xa4\x01\n\x0bWeightChunk\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\x14\n\x0ctotal_chunks\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x31\n\x08manifest\x18\x07 \x03(\x0b\x32\x1f.puremesh.weights.v1.TensorSpec\"X\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"=\n\x16\x44\x65scribeVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x12\n\nreplica_id\x18\x02 \x01(\t\"\xb8\x01\n\rVersionLayout\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x31\n\x08manifest\x18\x04 \x03(\x0b\x32\x1f.puremesh.weights.v1.TensorSpec\x12\x19\n\x11\x63rc32_chunk_bytes\x18\x05 \x01(\r\x12\x13\n\x0b\x63hunk_crc32\x18\x06 \x03(\x07\x12\x0e\n\x06run_id\x18\x07 \x01(\t\"\\\n\x15\x43onfirmVersionRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"1\n\x16\x43onfirmVersionResponse\x12\x17\n\x0f\x63urrent_version\x18\x01 \x01(\x04*m\n\tTransport\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x19\n\x15TRANSPORT_GRPC_STREAM\x10\x01\x12\x12\n\x0eTRANSPORT_NCCL\x10\x02\x12\x16\n\x12TRANSPORT_TCP_BULK\x10\x03\x32\xa4\x03\n\rWeightService\x12\x66\n\rWatchVersions\x12).puremesh.weights.v1.WatchVersionsRequest\x1a(.puremesh.weights.v1.VersionAnnouncement0\x01\x12\\\n\x0c\x46\x65tchWeights\x12(.puremesh.weights.v1.FetchWeightsRequest\x1a .puremesh.weights.v1.WeightChunk0\x01\x12\x62\n\x0f\x44\x65scribeVersion\x12+.puremesh.weights.v1.DescribeVersionRequest\x1a\".puremesh.weights.v1.VersionLayout\x12i\n\x0e\x43onfirmVersion\x12*.puremesh.weights.v1.ConfirmVersionRequest\x1a+.puremesh.weights.v1.ConfirmVersionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'puremesh.weights.v1.weights_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSPORT']._serialized_start=1129
-  _globals['_TRANSPORT']._serialized_end=1238
+  _globals['_TRANSPORT']._serialized_start=1170
+  _globals['_TRANSPORT']._serialized_end=1279
   _globals['_WATCHVERSIONSREQUEST']._serialized_start=58
   _globals['_WATCHVERSIONSREQUEST']._serialized_end=141
   _globals['_VERSIONANNOUNCEMENT']._serialized_start=144
-  _globals['_VERSIONANNOUNCEMENT']._serialized_end=367
-  _globals['_FETCHWEIGHTSREQUEST']._serialized_start=369
-  _globals['_FETCHWEIGHTSREQUEST']._serialized_end=475
-  _globals['_WEIGHTCHUNK']._serialized_start=478
-  _globals['_WEIGHTCHUNK']._serialized_end=642
-  _globals['_TENSORSPEC']._serialized_start=644
-  _globals['_TENSORSPEC']._serialized_end=732
-  _globals['_DESCRIBEVERSIONREQUEST']._serialized_start=734
-  _globals['_DESCRIBEVERSIONREQUEST']._serialized_end=795
-  _globals['_VERSIONLAYOUT']._serialized_start=798
-  _globals['_VERSIONLAYOUT']._serialized_end=982
-  _globals['_CONFIRMVERSIONREQUEST']._serialized_start=984
-  _globals['_CONFIRMVERSIONREQUEST']._serialized_end=1076
-  _globals['_CONFIRMVERSIONRESPONSE']._serialized_start=1078
-  _globals['_CONFIRMVERSIONRESPONSE']._serialized_end=1127
-  _globals['_WEIGHTSERVICE']._serialized_start=1241
-  _globals['_WEIGHTSERVICE']._serialized_end=1661
+  _globals['_VERSIONANNOUNCEMENT']._serialized_end=408
+  _globals['_FETCHWEIGHTSREQUEST']._serialized_start=410
+  _globals['_FETCHWEIGHTSREQUEST']._serialized_end=516
+  _globals['_WEIGHTCHUNK']._serialized_start=519
+  _globals['_WEIGHTCHUNK']._serialized_end=683
+  _globals['_TENSORSPEC']._serialized_start=685
+  _globals['_TENSORSPEC']._serialized_end=773
+  _globals['_DESCRIBEVERSIONREQUEST']._serialized_start=775
+  _globals['_DESCRIBEVERSIONREQUEST']._serialized_end=836
+  _globals['_VERSIONLAYOUT']._serialized_start=839
+  _globals['_VERSIONLAYOUT']._serialized_end=1023
+  _globals['_CONFIRMVERSIONREQUEST']._serialized_start=1025
+  _globals['_CONFIRMVERSIONREQUEST']._serialized_end=1117
+  _globals['_CONFIRMVERSIONRESPONSE']._serialized_start=1119
+  _globals['_CONFIRMVERSIONRESPONSE']._serialized_end=1168
+  _globals['_WEIGHTSERVICE']._serialized_start=1282
+  _globals['_WEIGHTSERVICE']._serialized_end=1702
 # @@protoc_insertion_point(module_scope)

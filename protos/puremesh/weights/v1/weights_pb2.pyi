@@ -29,7 +29,7 @@ class WatchVersionsRequest(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., current_version: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class VersionAnnouncement(_message.Message):
-    __slots__ = ("version", "total_bytes", "total_chunks", "num_tensors", "sha256", "transport", "bulk_port", "bulk_host", "run_id")
+    __slots__ = ("version", "total_bytes", "total_chunks", "num_tensors", "sha256", "transport", "bulk_port", "bulk_host", "run_id", "bulk_protocol", "bulk_tls")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,8 @@ class VersionAnnouncement(_message.Message):
     BULK_PORT_FIELD_NUMBER: _ClassVar[int]
     BULK_HOST_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    BULK_PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    BULK_TLS_FIELD_NUMBER: _ClassVar[int]
     version: int
     total_bytes: int
     total_chunks: int
@@ -48,7 +50,9 @@ class VersionAnnouncement(_message.Message):
     bulk_port: int
     bulk_host: str
     run_id: str
-    def __init__(self, version: _Optional[int] = ..., total_bytes: _Optional[int] = ..., total_chunks: _Optional[int] = ..., num_tensors: _Optional[int] = ..., sha256: _Optional[str] = ..., transport: _Optional[_Union[Transport, str]] = ..., bulk_port: _Optional[int] = ..., bulk_host: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
+    bulk_protocol: int
+    bulk_tls: bool
+    def __init__(self, version: _Optional[int] = ..., total_bytes: _Optional[int] = ..., total_chunks: _Optional[int] = ..., num_tensors: _Optional[int] = ..., sha256: _Optional[str] = ..., transport: _Optional[_Union[Transport, str]] = ..., bulk_port: _Optional[int] = ..., bulk_host: _Optional[str] = ..., run_id: _Optional[str] = ..., bulk_protocol: _Optional[int] = ..., bulk_tls: _Optional[bool] = ...) -> None: ...
 
 class FetchWeightsRequest(_message.Message):
     __slots__ = ("version", "replica_id", "chunk_indices", "max_chunk_bytes")

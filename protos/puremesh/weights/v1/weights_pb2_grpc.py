@@ -81,6 +81,7 @@ class WeightServiceServicer:
         with backoff.
         RESOURCE_EXHAUSTED  too many open subscriptions.
         DEADLINE_EXCEEDED   the client set a deadline on the stream and it passed.
+        UNAUTHENTICATED     no token, or one the learner does not accept (when it has tokens).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,6 +103,7 @@ class WeightServiceServicer:
         DEADLINE_EXCEEDED   the client deadline passed before all chunks were sent.
         CANCELLED           the client cancelled the call.
         INTERNAL            reading the stored weights failed unexpectedly.
+        UNAUTHENTICATED     no token, or one the learner does not accept (when it has tokens).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,6 +123,7 @@ class WeightServiceServicer:
         NOT_FOUND           the version is not retained (too old, or never published).
         UNAVAILABLE         the learner is not ready to serve weights, or it is shutting down.
         DEADLINE_EXCEEDED   the client deadline passed.
+        UNAUTHENTICATED     no token, or one the learner does not accept (when it has tokens).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -142,6 +145,7 @@ class WeightServiceServicer:
         NOT_FOUND           the version is not retained (too old, or never published).
         UNAVAILABLE         the learner is not ready, or it is shutting down.
         DEADLINE_EXCEEDED   the client deadline passed.
+        UNAUTHENTICATED     no token, or one the learner does not accept (when it has tokens).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
