@@ -1,4 +1,9 @@
-"""CLI clients: `puremesh verify`, `puremesh score`, `puremesh generate` against live services."""
+"""CLI clients: `puremesh verify`, `puremesh score`, `puremesh generate` against live services.
+
+Each takes the client's security flags (`add_client_security_flags`, shared with `puremesh
+probe`): --tls-ca, --tls-cert/--tls-key (mTLS), --tls-server-name, --tls, --token-file (default
+$PUREMESH_TOKEN_FILE). A server error prints one line with its status code.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,15 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
+
+from pydantic import ValidationError
 
 from puremesh.contract.sampling import SamplingSpec
 from puremesh.contract.services import SERVICES, ServiceName
+from puremesh.rpc.auth import SecurityError
 from puremesh.rpc.client import RpcError
+from puremesh.rpc.settings import ClientSecurity
 from puremesh.services.prm.client import PrmClient
 from puremesh.services.rollout.client import RolloutClient
 from puremesh.services.verify.client import VerifyClient
@@ -24,6 +34,46 @@ def _add_target(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument(
         "--application", default="", help="Ray Serve application name, when --target is a Ray Serve proxy"
     )
+    add_client_security_flags(parser)
+
+
+TOKEN_FILE_ENV = "PUREMESH_TOKEN_FILE"
+
+
+def add_client_security_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("security (README, Security)")
+    group.add_argument(
+        "--tls-ca", metavar="FILE", default="", help="CA bundle the server's certificate chains to"
+    )
+    group.add_argument(
+        "--tls-cert", metavar="FILE", default="", help="client certificate (servers with mTLS)"
+    )
+    group.add_argument("--tls-key", metavar="FILE", default="", help="private key of --tls-cert")
+    group.add_argument(
+        "--tls-server-name", default="", help="name on the server's certificate, if not the host"
+    )
+    group.add_argument("--tls", action="store_true", help="TLS with the system's CAs (implied by --tls-ca)")
+    group.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=os.environ.get(TOKEN_FILE_ENV, ""),
+        help=f"file whose first line is the bearer token sent on every call (default ${TOKEN_FILE_ENV})",
+    )
+
+
+def client_security(args: argparse.Namespace) -> ClientSecurity:
+    """The ClientSecurity of the flags; CliError for a bad combination."""
+    try:
+        return ClientSecurity(
+            tls=args.tls,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_server_name=args.tls_server_name,
+            token_file=args.token_file,
+        )
+    except ValidationError as error:
+        raise CliError(error.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,11 +106,18 @@ def _run(coroutine):
         return asyncio.run(coroutine)
     except RpcError as error:
         raise CliError(f"{error.code.name} from {error.target}: {error.details}", exit_code=1) from error
+    except SecurityError as error:
+        raise CliError(str(error)) from None
+
+
+def _options(args: argparse.Namespace) -> dict:
+    """The client constructor's keyword arguments from the common flags."""
+    return {"timeout": args.timeout, "application": args.application, "security": client_security(args)}
 
 
 def run_verify(args: argparse.Namespace) -> int:
     async def call():
-        async with VerifyClient(args.target, timeout=args.timeout, application=args.application) as client:
+        async with VerifyClient(args.target, **_options(args)) as client:
             return (await client.verify([(args.response, args.ground_truth)]))[0]
 
     outcome = _run(call())
@@ -75,7 +132,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def run_score(args: argparse.Namespace) -> int:
     async def call():
-        async with PrmClient(args.target, timeout=args.timeout, application=args.application) as client:
+        async with PrmClient(args.target, **_options(args)) as client:
             return (await client.score([(args.question, args.response)]))[0]
 
     scored = _run(call())
@@ -95,7 +152,7 @@ def run_generate(args: argparse.Namespace) -> int:
     sampling = SamplingSpec(args.n, args.temperature, args.top_p, args.max_new_tokens, args.seed, args.stop)
 
     async def call():
-        async with RolloutClient(args.target, timeout=args.timeout, application=args.application) as client:
+        async with RolloutClient(args.target, **_options(args)) as client:
             return [sample async for sample in client.generate(args.prompt, sampling)]
 
     samples = sorted(_run(call()), key=lambda s: s.sample_index)

@@ -5,7 +5,8 @@ Standalone servers are asked grpc.health.v1. Ray Serve's gRPC proxy answers no g
 so with --application the probe makes a real, light call routed to that application instead
 (rollout GetStatus, an empty ScoreSteps or Verify): it succeeds only when a replica answers.
 Retryable failures (UNAVAILABLE, RESOURCE_EXHAUSTED: starting, draining) are retried until
---timeout.
+--timeout. The client's security flags (cli/clients.py) reach TLS servers and, through a proxy,
+deployments that want a token (grpc.health.v1 itself needs none).
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import asyncio
 import time
 
 from puremesh.contract.services import ServiceName
+from puremesh.rpc.auth import SecurityError
 from puremesh.rpc.client import NO_RETRY, RpcError
 from puremesh.rpc.errors import RETRYABLE_CODES
+from puremesh.rpc.settings import ClientSecurity
 from puremesh.services.registry import entry
 
+from .clients import add_client_security_flags, client_security
 from .errors import CliError
 
 
@@ -38,17 +42,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--timeout", type=float, default=10.0, help="give up after this many seconds (default: %(default)s)"
     )
+    add_client_security_flags(parser)
     parser.set_defaults(run=run)
 
 
-def _client(service: str, target: str, timeout: float, application: str):
-    return entry(service).client()(target, timeout, NO_RETRY, application)
-
-
-async def probe(service: str, target: str, application: str = "", timeout: float = 10.0) -> str:
+async def probe(
+    service: str,
+    target: str,
+    application: str = "",
+    timeout: float = 10.0,
+    security: ClientSecurity | None = None,
+) -> str:
     """The probe's description of a healthy service; RpcError (the last one) otherwise."""
     deadline = time.monotonic() + timeout
-    async with _client(service, target, timeout, application) as client:
+    async with entry(service).client()(target, timeout, NO_RETRY, application, security) as client:
         while True:
             client.timeout = max(0.1, deadline - time.monotonic())
             try:
@@ -64,8 +71,11 @@ def run(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         raise CliError("--timeout must be positive")
     via = f" (application {args.application})" if args.application else ""
+    security = client_security(args)
     try:
-        described = asyncio.run(probe(args.service, args.target, args.application, args.timeout))
+        described = asyncio.run(probe(args.service, args.target, args.application, args.timeout, security))
+    except SecurityError as error:
+        raise CliError(str(error)) from None
     except RpcError as error:
         details = " ".join(error.details.split())
         raise CliError(f"{args.service} at {args.target}{via}: {error.code.name}: {details}", 1) from error

@@ -34,13 +34,16 @@ def puremesh(*args: str, timeout: float = 60, **kwargs) -> subprocess.CompletedP
 class ServedProcess:
     """`puremesh serve ...` in a subprocess; waits for its "serving on" line."""
 
-    def __init__(self, *args: str, env: dict | None = None, ready_timeout: float = 120) -> None:
+    def __init__(
+        self, *args: str, env: dict | None = None, ready_timeout: float = 120, cwd: Path | None = None
+    ) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "puremesh.cli.main", "serve", *args, "--port", "0", "--metrics-port", "0"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, **(env or {})},
+            cwd=cwd,
         )
         deadline = time.monotonic() + ready_timeout
         line = ""
