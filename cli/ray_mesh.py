@@ -6,6 +6,12 @@ target for every service) and the `application` metadata on its calls differ. As
 learner's WeightService starts first, and every rollout replica pulls the current weights from
 it before it reports ready. Ray's own logs go to its session folder (logged at start), not to
 the terminal.
+
+Security: the proxy listens on loopback only (cli/ray_loopback.py). Each deployment checks the
+bearer token of its service's `server.auth_tokens` with the same host logic as a standalone
+server (the proxy passes the metadata on); the proxy has no TLS, so the learner sends each
+service's token in the clear on loopback, and the TLS fields of learner.endpoints.security are
+not used here (README "Security": a service mesh encrypts it in a cluster).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from puremesh.contract.services import ServiceName
-from puremesh.rpc.settings import SettingsError
+from puremesh.rpc.settings import ClientSecurity, SettingsError
 from puremesh.services.ray_serve import APPS, GRPC_SERVICER_FUNCTIONS
 from puremesh.services.registry import entry
 from puremesh.trainer.loop import RunResult
@@ -27,6 +33,7 @@ from puremesh.trainer.settings import LearnerSettings
 
 from .errors import CliError
 from .learner import learn
+from .ray_loopback import HOOK
 from .run_settings import MeshLayout, RayLayout, RunSettings
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,7 @@ class LocalRayServe:
             include_dashboard=False,
             log_to_driver=False,
             logging_level=logging.WARNING,
+            runtime_env={"worker_process_setup_hook": HOOK},  # the gRPC proxy on loopback
         )
         self.session_dir = _session_dir()
         log.info("local Ray instance started; logs in %s/logs", self.session_dir)
@@ -106,6 +114,14 @@ def _session_dir() -> str:
         return worker._global_node.get_session_dir_path()
     except Exception:
         return "/tmp/ray/session_latest"
+
+
+def proxy_security(security: dict[ServiceName, ClientSecurity]) -> dict[ServiceName, ClientSecurity]:
+    """The learner's endpoint security through the proxy: the tokens only (it has no TLS)."""
+    plaintext = {"tls": False, "tls_ca": "", "tls_cert": "", "tls_key": "", "tls_server_name": ""}
+    if any(s.uses_tls for s in security.values()):
+        log.warning("up --ray: Ray Serve's gRPC proxy has no TLS; the learner reaches it on loopback")
+    return {name: s.model_copy(update=plaintext) for name, s in security.items()}
 
 
 def deployment_args(layout: MeshLayout) -> dict[str, dict[str, Any]]:
@@ -167,7 +183,10 @@ async def run_mesh_ray(
             on_mesh(ray_serve)
         proxy = {str(name): [ray_serve.target] for name in ServiceName}
         applications = {str(name): APPS[name].name for name in ServiceName}
-        endpoints = learner.endpoints.model_copy(update={**proxy, "applications": applications})
+        security = proxy_security(learner.endpoints.security)
+        endpoints = learner.endpoints.model_copy(
+            update={**proxy, "applications": applications, "security": security}
+        )
         return learner.model_copy(update={"endpoints": endpoints})
 
     try:

@@ -40,7 +40,8 @@ light call instead (rollout GetStatus, an empty ScoreSteps or Verify).
 
 A replica runs exactly the standalone server's code: the ServiceDefinition from the service's
 app.py factory, loaded by a ServiceHost that binds no port, its servicer methods reached through
-ServiceHost.handler (the same admission, status table and RPC metrics as over the server). A
+ServiceHost.handler (the same token check of server.auth_tokens, admission, status table and
+RPC metrics as over the server: the proxy passes the caller's metadata on, but has no TLS). A
 replica reports ready (its constructor returns) once the service is loaded; a rollout replica
 has pulled the learner's current weights by then, exactly like a standalone one.
 """

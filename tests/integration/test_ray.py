@@ -3,6 +3,10 @@ applications behind Ray Serve's gRPC proxy (tiny models, hf engine), and the sam
 `puremesh up`. Two PPO steps change the policy, the rollout replica ends on the newest version
 (pulled from the learner), `puremesh probe` succeeds through the proxy, and Ray leaves no
 process behind.
+
+With tokens (issue 13): each deployment accepts only its service's token, which passes the
+proxy as metadata; a call without it is UNAUTHENTICATED. The learner's weight plane has TLS and
+tokens, and the proxy listens on loopback only.
 """
 
 from __future__ import annotations
@@ -13,13 +17,17 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from puremesh.cli.export import export
 from puremesh.cli.ray_mesh import run_mesh_ray
 from puremesh.cli.run_settings import RunSettings
+from puremesh.rpc.client import RpcError
+from puremesh.rpc.settings import ClientSecurity
 from puremesh.services.rollout.client import RolloutClient
 
 pytestmark = pytest.mark.integration
@@ -27,7 +35,14 @@ pytestmark = pytest.mark.integration
 STEPS = 2
 
 
-def config(policy: Path, prm: Path, problems: Path, out: Path) -> RunSettings:
+def config(policy: Path, prm: Path, problems: Path, out: Path, pki) -> RunSettings:
+    def server(name: str) -> dict:
+        return {"auth_tokens": pki.token_file(name)}
+
+    # the endpoints' CA is dropped for the proxy, which has no TLS (cli/ray_mesh.py)
+    security = {
+        name: {"tls_ca": pki.ca, "token_file": pki.token_file(name)} for name in ("rollout", "prm", "verify")
+    }
     return RunSettings.model_validate(
         {
             "learner": {
@@ -43,12 +58,18 @@ def config(policy: Path, prm: Path, problems: Path, out: Path) -> RunSettings:
                     "temperature": 1.0,
                     "max_new_tokens": 12,
                 },
+                "weights": pki.server_security("weights", mtls=False),
+                "endpoints": {"security": security},
             },
             "mesh": {
                 "rollout_replicas": 1,
-                "rollout": {"engine": "hf"},
-                "prm": {"model_path": str(prm)},
-                "verify": {"workers": 1},
+                "rollout": {
+                    "engine": "hf",
+                    "server": server("rollout"),
+                    "weights_security": {"tls_ca": pki.ca, "token_file": pki.token_file("weights")},
+                },
+                "prm": {"model_path": str(prm), "server": server("prm")},
+                "verify": {"workers": 1, "server": server("verify")},
                 "ray": {"num_cpus": 2, "object_store_bytes": 128 << 20},
             },
         }
@@ -71,6 +92,21 @@ async def probe(target: str, service: str, *extra: str) -> tuple[int, str]:
     )
     out, err = await asyncio.wait_for(process.communicate(), 120)
     return process.returncode, (out + err).decode().strip()
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses of the TCP listeners on `port` (hex, as /proc/net/tcp{,6} has them)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                found.add(local.rsplit(":", 1)[0])
+    return found
+
+
+# 127.0.0.1 in /proc/net/tcp, and as an IPv4-mapped address in /proc/net/tcp6
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F"}
 
 
 def ray_processes() -> list[psutil.Process]:
@@ -105,11 +141,11 @@ def alive(process: psutil.Process) -> bool:
 
 
 async def test_up_ray_trains_through_the_ray_serve_proxy(
-    tiny_policy_dir, tiny_prm_dir, addition_problems, tmp_path
+    tiny_policy_dir, tiny_prm_dir, addition_problems, tmp_path, pki
 ):
     import ray
 
-    settings = config(tiny_policy_dir, tiny_prm_dir, addition_problems, tmp_path / "run")
+    settings = config(tiny_policy_dir, tiny_prm_dir, addition_problems, tmp_path / "run", pki)
     seen: dict = {}
 
     def on_mesh(ray_serve) -> None:
@@ -120,10 +156,20 @@ async def test_up_ray_trains_through_the_ray_serve_proxy(
         if record["step"] != STEPS:
             return  # the learner waited for the replica to hold the newest version before this
         target = seen["target"]
+        seen["listening"] = listening_addresses(int(target.rsplit(":", 1)[1]))
         async with RolloutClient(target, timeout=30, application="rollout") as client:
+            try:
+                await client.status()
+            except RpcError as error:
+                seen["no token"] = error.code
+        token = pki.token_file("rollout")
+        async with RolloutClient(
+            target, timeout=30, application="rollout", security=ClientSecurity(token_file=token)
+        ) as client:
             seen["status"] = await client.status()
         for service in ("rollout", "prm", "verify"):
-            seen[service] = await probe(target, service, "--application", service, "--timeout", "30")
+            flags = ("--application", service, "--timeout", "30", "--token-file", pki.token_file(service))
+            seen[service] = await probe(target, service, *flags)
         # the proxy answers no grpc.health: a probe without --application cannot succeed
         seen["health"] = await probe(target, "verify", "--timeout", "2")
 
@@ -140,9 +186,8 @@ async def test_up_ray_trains_through_the_ray_serve_proxy(
     assert [r["step"] for r in history] == list(range(1, STEPS + 1))
     assert all(r["failed_groups"] == 0 for r in history)
     before = load_file(str(tiny_policy_dir / "model.safetensors"))
-    after = load_file(
-        str(tmp_path / "run" / "checkpoints" / f"step-{STEPS:06d}" / "policy" / "model.safetensors")
-    )
+    exported = export(tmp_path / "run" / "checkpoints" / f"step-{STEPS:06d}", tmp_path / "exported")
+    after = load_file(str(exported / "model.safetensors"))
     changed = [name for name in before if not torch.equal(before[name], after[name])]
     assert len(changed) > len(before) // 2, "PPO steps should change most weights"
 
@@ -156,6 +201,8 @@ async def test_up_ray_trains_through_the_ray_serve_proxy(
     assert "policy version" in seen["rollout"][1]
     code, line = seen["health"]
     assert code == 1 and "UNIMPLEMENTED" in line and len(line.splitlines()) == 1
+    assert seen["no token"] == grpc.StatusCode.UNAUTHENTICATED, "the deployment checks the token"
+    assert seen["listening"] and seen["listening"] <= LOOPBACK, f"the proxy listens on {seen['listening']}"
 
     assert seen["processes"], "Ray's processes were found while it ran"
     deadline = time.monotonic() + 30
