@@ -246,10 +246,7 @@ def server_credentials(security: ServerSecurity) -> grpc.ServerCredentials | Non
     )
 
 
-def server_ssl_context(security: ServerSecurity) -> ssl.SSLContext | None:
-    """The bulk port's TLS context (the WeightService's certificate and client CA), or None."""
-    if not security.tls:
-        return None
+def _ssl_context(security: ServerSecurity) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -260,6 +257,30 @@ def server_ssl_context(security: ServerSecurity) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as error:
         raise SecurityError(f"cannot load the TLS certificate {security.tls_cert}: {error}") from error
     return context
+
+
+class ServerSSLContexts:
+    """The bulk port's TLS context (the WeightService's certificate and client CA): calling it
+    gives the current one, rebuilt when the certificate file changes (as server_credentials)."""
+
+    def __init__(self, security: ServerSecurity) -> None:
+        self.security = security
+        self._watched = _Watched(security.tls_cert, "TLS certificate (tls_cert)")
+        self._watched.changed()
+        self._context = _ssl_context(security)
+
+    def __call__(self) -> ssl.SSLContext:
+        try:
+            if self._watched.changed():
+                self._context = _ssl_context(self.security)
+        except SecurityError:
+            log.exception("TLS certificate %s could not be reloaded; keeping it", self.security.tls_cert)
+        return self._context
+
+
+def server_ssl_context(security: ServerSecurity) -> ServerSSLContexts | None:
+    """The bulk port's TLS contexts (ServerSSLContexts), or None without TLS."""
+    return ServerSSLContexts(security) if security.tls else None
 
 
 def channel_credentials(security: ClientSecurity | None) -> grpc.ChannelCredentials | None:

@@ -106,9 +106,10 @@ class BulkServer:
     Binds at construction (`port` 0 picks a free one; `self.port` says which).
 
     `payload(held, start, stop)` gives the bytes sent for [start, stop) of a version: a view of
-    its buffer; tests override it to tamper with what goes out. `tls`: the TLS context of every
-    connection (rpc/auth.py server_ssl_context); `keys`: the accepted tokens' keys
-    (rpc/auth.py TokenFile.keys), which makes every connection authenticate (protocol 2).
+    its buffer; tests override it to tamper with what goes out. `tls` gives the TLS context of
+    each new connection (rpc/auth.py server_ssl_context: it follows certificate renewals);
+    `keys` gives the accepted tokens' keys (rpc/auth.py TokenFile.keys), which makes every
+    connection authenticate (protocol 2).
     """
 
     def __init__(
@@ -123,7 +124,7 @@ class BulkServer:
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         transfer_grace_s: float = DEFAULT_TRANSFER_GRACE_S,
         min_bytes_per_second: float = DEFAULT_MIN_BYTES_PER_SECOND,
-        tls: ssl.SSLContext | None = None,
+        tls: Callable[[], ssl.SSLContext] | None = None,
         keys: Callable[[], Sequence[bytes]] | None = None,
     ) -> None:
         self.source = source
@@ -215,7 +216,7 @@ class BulkServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls is not None:  # the handshake runs on the connection's thread
             try:
-                conn = self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+                conn = self.tls().wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
             except OSError:
                 conn.close()
                 return

@@ -14,6 +14,9 @@ from __future__ import annotations
 import logging
 import secrets
 import shutil
+import socket
+import ssl
+import threading
 from pathlib import Path
 
 import grpc
@@ -221,3 +224,62 @@ async def test_a_rotated_token_file_takes_effect_without_a_restart(hosts, pki, m
         token_file.write_text(f"{old}\n{new}\n")  # both during a rotation
         await call("verify", chan, old)
         await call("verify", chan, new)
+
+
+async def test_a_renewed_certificate_is_served_without_a_restart(pki, other_pki, tmp_path, monkeypatch):
+    """cert-manager renews certificates in place: new connections get the new one, on gRPC
+    (server_credentials) and on the bulk port (server_ssl_context)."""
+    monkeypatch.setattr(auth, "RELOAD_INTERVAL_S", 0.0)
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    shutil.copy(pki.path("server.crt"), cert)
+    shutil.copy(pki.path("server.key"), key)
+    store = WeightStore(chunk_bytes=1024, bulk_chunk_bytes=1024, run_id="run-b")
+    store.publish(1, WEIGHTS)
+    server = ServerSettings(metrics_port=None, tls_cert=str(cert), tls_key=str(key))
+    host = ServiceHost([weight_service(WeightServicer(store))], server)
+    await host.start()
+    contexts = auth.server_ssl_context(server)
+    try:
+        old, new = ClientSecurity(tls_ca=pki.ca), ClientSecurity(tls_ca=other_pki.ca)
+        async with open_channel(host.target, security=old) as chan:
+            await call("weights", chan, None)
+        first = contexts()
+        shutil.copy(other_pki.path("server.crt"), cert)
+        shutil.copy(other_pki.path("server.key"), key)
+        async with open_channel(host.target, security=new) as chan:
+            assert (await call("weights", chan, None)).version == 1
+        async with open_channel(host.target, security=old) as chan:
+            with pytest.raises(grpc.aio.AioRpcError) as stale:
+                await call("weights", chan, None)
+        assert stale.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert contexts() is not first
+        assert handshake(contexts(), other_pki.ca) and not handshake(contexts(), pki.ca)
+    finally:
+        store.close()
+        await host.drain(grace=0)
+
+
+def handshake(server: ssl.SSLContext, ca: str) -> bool:
+    """Whether a client that trusts `ca` completes a TLS handshake with `server`."""
+    ours, theirs = socket.socketpair()
+    client = ssl.create_default_context(cafile=ca)
+    client.check_hostname = False
+    done: dict[str, bool] = {}
+
+    def serve() -> None:
+        try:
+            with server.wrap_socket(ours, server_side=True) as tls:
+                tls.recv(1)
+        except (ssl.SSLError, OSError):
+            pass
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with client.wrap_socket(theirs) as tls:
+            tls.sendall(b"x")
+            done["ok"] = True
+    except ssl.SSLError:
+        done["ok"] = False
+    thread.join(5)
+    return done["ok"]
