@@ -68,9 +68,70 @@ puremesh.io/rpc-client: "true"
 {{- printf "%s.%s.svc:%v" (include "puremesh.learnerService" .) .Release.Namespace .Values.learner.weightsPort }}
 {{- end }}
 
+{{/* Security (README "Security"): the token files and the TLS files, mounted from Secrets. */}}
+{{- define "puremesh.tokensSecret" -}}
+{{- .Values.security.tokens.existingSecret | default (printf "%s-tokens" (include "puremesh.fullname" .)) }}
+{{- end }}
+
+{{- define "puremesh.tlsSecret" -}}
+{{- .Values.security.tls.existingSecret | default (printf "%s-learner-tls" (include "puremesh.fullname" .)) }}
+{{- end }}
+
+{{- define "puremesh.tokenFile" -}}
+{{- printf "/etc/puremesh/tokens/%s.token" . }}
+{{- end }}
+
+{{- define "puremesh.tlsFile" -}}
+{{- printf "/etc/puremesh/tls/%s" . }}
+{{- end }}
+
+{{/*
+The volumes holding a pod's token files and TLS files: (dict "root" $ "tokens" (list KEY...)
+"tls" (list FILE...)); each token KEY of the tokens Secret becomes KEY.token, each TLS FILE
+(tls.crt, tls.key, ca.crt) a file of the TLS Secret (only when TLS is on).
+*/}}
+{{- define "puremesh.securityVolumes" -}}
+{{- if .tokens }}
+- name: tokens
+  secret:
+    secretName: {{ include "puremesh.tokensSecret" .root }}
+    defaultMode: 0400
+    items:
+      {{- range .tokens }}
+      - key: {{ . }}
+        path: {{ . }}.token
+      {{- end }}
+{{- end }}
+{{- if and .tls .root.Values.security.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "puremesh.tlsSecret" .root }}
+    defaultMode: 0400
+    items:
+      {{- range .tls }}
+      - key: {{ . }}
+        path: {{ . }}
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "puremesh.securityMounts" -}}
+{{- if .tokens }}
+- name: tokens
+  mountPath: /etc/puremesh/tokens
+  readOnly: true
+{{- end }}
+{{- if and .tls .root.Values.security.tls.enabled }}
+- name: tls
+  mountPath: /etc/puremesh/tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
 {{/*
 A service's settings as a dict: the values' `settings`, then the keys the chart owns
-(server.metrics_port and server.metrics_host; rollout's weights_target).
+(server.metrics_port and server.metrics_host; server.auth_tokens, the service's token file;
+rollout's weights_target and weights_security, the replicas' way to the learner).
 Call with (dict "root" $ "name" "rollout").
 */}}
 {{- define "puremesh.serviceSettings" -}}
@@ -78,9 +139,15 @@ Call with (dict "root" $ "name" "rollout").
 {{- $svc := index $root.Values.services .name }}
 {{- $settings := deepCopy ($svc.settings | default dict) }}
 {{- /* metrics_host 0.0.0.0: the PodMonitor scrapes the pod's address, never its loopback. */}}
-{{- $owned := dict "server" (dict "metrics_port" $svc.metricsPort "metrics_host" "0.0.0.0") }}
+{{- $server := dict "metrics_port" $svc.metricsPort "metrics_host" "0.0.0.0" "auth_tokens" (include "puremesh.tokenFile" .name) }}
+{{- $owned := dict "server" $server }}
 {{- if eq .name "rollout" }}
 {{- $_ := set $owned "weights_target" (include "puremesh.weightsTarget" $root) }}
+{{- $weights := dict "token_file" (include "puremesh.tokenFile" "weights") }}
+{{- if $root.Values.security.tls.enabled }}
+{{- $_ := set $weights "tls_ca" (include "puremesh.tlsFile" "ca.crt") }}
+{{- end }}
+{{- $_ := set $owned "weights_security" $weights }}
 {{- end }}
 {{- toYaml (mergeOverwrite $settings $owned) }}
 {{- end }}
@@ -95,7 +162,20 @@ default to the Serve gRPC ingress, each call naming its application (`applicatio
 {{- $apps := dict "rollout" "rollout" "prm" "prm" "verify" "verify" }}
 {{- $defaults := dict "endpoints" (dict "rollout" (list $target) "prm" (list $target) "verify" (list $target) "applications" $apps) }}
 {{- $settings = merge $settings $defaults }}
-{{- $owned := dict "metrics_port" .Values.learner.metricsPort "weights" (dict "host" "0.0.0.0" "port" .Values.learner.weightsPort "bulk_port" .Values.learner.weightsBulkPort) }}
+{{- $weights := dict "host" "0.0.0.0" "port" .Values.learner.weightsPort "bulk_port" .Values.learner.weightsBulkPort "auth_tokens" (include "puremesh.tokenFile" "weights") }}
+{{- if .Values.security.tls.enabled }}
+{{- $_ := set $weights "tls_cert" (include "puremesh.tlsFile" "tls.crt") }}
+{{- $_ := set $weights "tls_key" (include "puremesh.tlsFile" "tls.key") }}
+{{- else }}
+{{- /* All addresses without TLS: the learner refuses that unless told (README "Security"). */}}
+{{- $_ := set $weights "insecure" true }}
+{{- end }}
+{{- /* The Serve ingress has no TLS: the tokens only. */}}
+{{- $security := dict }}
+{{- range $name := list "rollout" "prm" "verify" }}
+{{- $_ := set $security $name (dict "token_file" (include "puremesh.tokenFile" $name)) }}
+{{- end }}
+{{- $owned := dict "metrics_port" .Values.learner.metricsPort "weights" $weights "endpoints" (dict "security" $security) }}
 {{- toYaml (dict "learner" (mergeOverwrite $settings $owned)) }}
 {{- end }}
 
@@ -169,4 +249,6 @@ default to the Serve gRPC ingress, each call naming its application (`applicatio
 - {{ .name }}
 - --timeout
 - {{ .root.Values.tests.probeTimeoutSeconds | quote }}
+- --token-file
+- {{ include "puremesh.tokenFile" .name }}
 {{- end }}

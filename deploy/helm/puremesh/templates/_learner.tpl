@@ -69,6 +69,8 @@ Called with (dict "root" $ "jobName" NAME): the rendezvous address names pod 0 o
 {{- $job := .jobName -}}
 {{- with .root -}}
 {{- $values := .Values -}}
+{{- /* The services' tokens (client), the replicas' token (server) and the WeightService's TLS. */}}
+{{- $security := dict "root" . "tokens" (list "rollout" "prm" "verify" "weights") "tls" (list "tls.crt" "tls.key") }}
 {{- $multi := gt (int $values.learner.nodes) 1 -}}
 metadata:
   labels:
@@ -104,7 +106,7 @@ spec:
         - -c
         - |
           for app in rollout prm verify; do
-            until puremesh probe --target {{ include "puremesh.serveTarget" . }} --service "$app" --application "$app"; do
+            until puremesh probe --target {{ include "puremesh.serveTarget" . }} --service "$app" --application "$app" --token-file "/etc/puremesh/tokens/$app.token"; do
               echo "waiting for the $app application"; sleep 10
             done
           done
@@ -118,6 +120,7 @@ spec:
       volumeMounts:
         - name: tmp
           mountPath: /tmp
+        {{- include "puremesh.securityMounts" (dict "root" . "tokens" (list "rollout" "prm" "verify")) | nindent 8 }}
   {{- end }}
   containers:
     - name: learner
@@ -162,6 +165,7 @@ spec:
         - name: shm
           mountPath: /dev/shm
         {{- with include "puremesh.modelsMount" . }}{{ . | trim | nindent 8 }}{{ end }}
+        {{- include "puremesh.securityMounts" $security | nindent 8 }}
   volumes:
     - name: config
       configMap:
@@ -179,6 +183,7 @@ spec:
         medium: Memory
         sizeLimit: 2Gi
     {{- with include "puremesh.modelsVolume" . }}{{ . | trim | nindent 4 }}{{ end }}
+    {{- include "puremesh.securityVolumes" $security | nindent 4 }}
   {{- with $values.learner.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}

@@ -3,10 +3,19 @@ The pod template of a Ray head or worker group.
 Call with (dict "root" $ "group" <head or worker group values> "container" <name> "head" <bool>
 "service" <the worker group's service; empty for the head>). A worker group's pods declare their
 service's metrics port only: its replicas are the only ones there (see puremesh.rayWorkerGroups).
+They mount their service's token file (the rollout group also the replicas' token for the
+learner and its CA); the head, which runs no replica, mounts none.
 */}}
 {{- define "puremesh.rayPodTemplate" -}}
 {{- $root := .root }}
 {{- $values := $root.Values -}}
+{{- $tokens := list }}
+{{- $tls := list }}
+{{- with .service }}
+{{- $tokens = list . }}
+{{- if eq . "rollout" }}{{ $tokens = append $tokens "weights" }}{{ $tls = list "ca.crt" }}{{ end }}
+{{- end }}
+{{- $security := dict "root" $root "tokens" $tokens "tls" $tls }}
 metadata:
   labels:
     {{- include "puremesh.labels" $root | nindent 4 }}
@@ -48,7 +57,6 @@ spec:
         {{- end }}
       env:
         {{- include "puremesh.commonEnv" $root | nindent 8 }}
-        {{- with include "puremesh.credentialsEnv" $root }}{{ . | trim | nindent 8 }}{{ end }}
         {{- with $values.ray.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -62,6 +70,7 @@ spec:
         - name: shm
           mountPath: /dev/shm
         {{- with include "puremesh.modelsMount" $root }}{{ . | trim | nindent 8 }}{{ end }}
+        {{- with include "puremesh.securityMounts" $security }}{{ . | trim | nindent 8 }}{{ end }}
   volumes:
     - name: tmp
       emptyDir: {}
@@ -70,6 +79,7 @@ spec:
         medium: Memory
         sizeLimit: {{ .group.shmSize }}
     {{- with include "puremesh.modelsVolume" $root }}{{ . | trim | nindent 4 }}{{ end }}
+    {{- with include "puremesh.securityVolumes" $security }}{{ . | trim | nindent 4 }}{{ end }}
   {{- with .group.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
