@@ -36,6 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "--resume", action="store_true", help="continue from the last checkpoint in out_dir"
         )
         parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+        parser.add_argument(
+            "--insecure",
+            action="store_true",
+            help="allow learner.weights.host beyond loopback without TLS and tokens (README, Security)",
+        )
         add_nproc_flag(parser)
         if name == "up":
             parser.add_argument(
@@ -46,9 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         parser.set_defaults(run=run_up if name == "up" else run_train)
 
 
+def _overrides(args: argparse.Namespace) -> dict | None:
+    return {"learner": {"weights": {"insecure": True}}} if args.insecure else None
+
+
 def run_up(args: argparse.Namespace) -> int:
     _logging(args.log_level)
-    settings = load_run_settings(args.config)
+    settings = load_run_settings(args.config, _overrides(args))
     if _relaunched(args, "up"):
         return 0
     if args.ray:
@@ -58,7 +67,7 @@ def run_up(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     _logging(args.log_level)
-    settings = load_run_settings(args.config)
+    settings = load_run_settings(args.config, _overrides(args))
     endpoints = settings.learner.endpoints
     if not (endpoints.rollout and endpoints.prm and endpoints.verify):
         raise CliError("learner.endpoints needs rollout, prm and verify targets (or use `puremesh up`)")

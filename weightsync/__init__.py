@@ -9,6 +9,8 @@ Learner side (built side by side by the composition root, cli/learner.py):
     runs.py         the run identity: run id and highest announced version (OUT/run.json)
     servicer.py     WeightServicer: the gRPC WeightService over the store
     bulk_server.py  BulkServer: the bulk data plane, reading the store through a Protocol
+                    (its socket helpers: bulk_wire.py)
+    bulk_auth.py    the bulk port's TLS and authenticated handshake, both ends
     limits.py       WeightPlaneLimits: the settings that bound all of the above
 
 Replica side:

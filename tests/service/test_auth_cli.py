@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ServedProcess
 from pki import MARKER, README
 
@@ -102,4 +103,20 @@ def test_a_missing_token_file_is_one_line(tmp_path):
     assert client.returncode == 2
     assert client.stderr.strip().splitlines() == [
         f"puremesh verify: error: cannot read token file {missing}: No such file or directory"
+    ]
+
+
+def test_the_learner_refuses_an_exposed_plaintext_weight_plane(tmp_path):
+    config = tmp_path / "learner.yaml"
+    endpoints = {name: ["127.0.0.1:1"] for name in ("rollout", "prm", "verify")}
+    learner = {"policy_path": "-", "train_path": "-", "out_dir": str(tmp_path / "run")}
+    learner["endpoints"] = endpoints
+    config.write_text(yaml.safe_dump({"learner": {**learner, "weights": {"host": "0.0.0.0"}}}))
+    command = [sys.executable, "-m", "puremesh.cli.main", "train", "--config", str(config)]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "puremesh train: error: learner.weights: refusing to serve the weight plane on 0.0.0.0 without "
+        "TLS and tokens: set tls_cert/tls_key and auth_tokens (--tls-cert --tls-key --auth-tokens), or "
+        "pass --insecure (insecure: true) to accept the exposure"
     ]
