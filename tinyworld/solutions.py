@@ -25,8 +25,9 @@ data pads at `sft_pad_rate`, so the policy can produce them; the PRM's data at `
 LABELS: "first error" labelling, as in PRM800K / Math-Shepherd: a step is labelled 1 iff it and
 every step before it are right. A pad contains no error, so before the first error it is
 labelled 1, exactly like a step that makes progress; after it, 0 like every later step. The
-PRM's data adds other errors at a small rate (ErrorKind), a restatement of a wrong number among
-them, so that it learns to check what a pad says rather than "pads are right".
+PRM's data adds other errors at a small rate (ErrorKind): a restatement of a wrong number, so
+that it learns to check what a pad says rather than "pads are right", and a garbled step (broken
+off, a stray piece of text after it), which a careful labeller marks wrong like any error.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from puremesh.contract.steps import STEP_SEPARATOR
 
 from .corpus import apply_op
-from .task import ORDINALS, TaskProblem, is_carry_step
+from .task import ADD_OPERAND, MUL_PHRASES, ORDINALS, Operation, TaskProblem, is_carry_step
 
 CARRY = 10  # what a forgotten carry takes off the result
 ARITHMETIC_OFFSET = (1, 9)  # the size of each ErrorKind's error
@@ -47,6 +48,7 @@ CARRIED_OFFSET = (1, 5)
 ANSWER_OFFSET = (1, 9)
 RESTATED_OFFSET = (1, 9)
 MAX_PADS_PER_GAP = 3
+GARBLE_FRAGMENT = (1, 6)  # characters of the stray piece a garbled step ends with
 RETHINK_PHRASES = ("Let me think again.", "Let me double-check.", "Let me read the question again.")
 
 
@@ -56,11 +58,13 @@ class ErrorKind(enum.Enum):
     ARITHMETIC = "arithmetic"  # the result off by 1..9
     OPERAND = "operand"  # a wrong operand, computed right
     CARRIED = "carried"  # the previous result copied wrongly, computed right
+    EVENT = "event"  # another event than the question's (another operand), computed right
     ANSWER = "answer"  # a wrong boxed answer
     RESTATED = "restated"  # a pad restating a wrong number
+    GARBLED = "garbled"  # a step broken off, with a stray piece of another step after it
 
 
-STEP_ERRORS = (ErrorKind.ARITHMETIC, ErrorKind.OPERAND, ErrorKind.CARRIED)
+STEP_ERRORS = (ErrorKind.ARITHMETIC, ErrorKind.OPERAND, ErrorKind.CARRIED, ErrorKind.EVENT)
 
 
 class PadKind(enum.Enum):
@@ -151,28 +155,59 @@ class _Writer:
         return f"So far, {pronoun} has {shown} {thing}.", wrong
 
 
+def _other_event(o: Operation, rng: random.Random) -> tuple[int, str]:
+    """ErrorKind.EVENT: another operand of the same operation, and the phrase that says it."""
+    if o.op == "*":
+        operand = next(m for m in MUL_PHRASES if m != o.operand)
+        return operand, MUL_PHRASES[operand]
+    operand = rng.choice([c for c in range(ADD_OPERAND[0], ADD_OPERAND[1] + 1) if c != o.operand])
+    return operand, o.phrase.replace(str(o.operand), str(operand))
+
+
+def _with_error(value: int, o: Operation, rng: random.Random) -> tuple[int, int, str, int]:
+    """One of STEP_ERRORS on the step applying `o` to `value`: (value shown, operand, phrase,
+    result) as the step writes them."""
+    kind = rng.choice(STEP_ERRORS)
+    if kind is ErrorKind.ARITHMETIC:
+        return value, o.operand, o.phrase, _offset(rng, *ARITHMETIC_OFFSET, apply_op(value, o.op, o.operand))
+    if kind is ErrorKind.OPERAND:
+        operand = _offset(rng, *OPERAND_OFFSET, o.operand)
+        return value, operand, o.phrase, apply_op(value, o.op, operand)
+    if kind is ErrorKind.EVENT:
+        operand, phrase = _other_event(o, rng)
+        return value, operand, phrase, apply_op(value, o.op, operand)
+    shown = _offset(rng, *CARRIED_OFFSET, value)  # CARRIED: the previous result copied wrongly
+    return shown, o.operand, o.phrase, apply_op(shown, o.op, o.operand)
+
+
 def _operation_step(writer: _Writer, k: int, slip_rate: float) -> None:
     """Step k of `writer.problem`, slipped or with one of STEP_ERRORS at their rates."""
     rng, o = writer.rng, writer.problem.operations[k - 1]
-    value = shown_value = writer.value
-    operand = o.operand
-    result = apply_op(value, o.op, operand)
+    value = writer.value
+    shown, operand, phrase, result = value, o.operand, o.phrase, apply_op(value, o.op, o.operand)
     wrong = False
     if is_carry_step(value, o.op, operand) and rng.random() < slip_rate:
         result, wrong = result - CARRY, True
     elif rng.random() < writer.error_rate:
-        kind = rng.choice(STEP_ERRORS)
-        if kind is ErrorKind.ARITHMETIC:
-            result = _offset(rng, *ARITHMETIC_OFFSET, result)
-        elif kind is ErrorKind.OPERAND:
-            operand = _offset(rng, *OPERAND_OFFSET, operand)
-            result = apply_op(value, o.op, operand)
-        else:  # CARRIED: the previous result copied wrongly
-            shown_value = _offset(rng, *CARRIED_OFFSET, value)
-            result = apply_op(shown_value, o.op, operand)
-        wrong = result != apply_op(value, o.op, o.operand) or (operand, shown_value) != (o.operand, value)
-    writer.add(step_text(k, writer.problem.pronoun, o.phrase, shown_value, o.op, operand, result), wrong)
-    writer.value, writer.last = result, f"{shown_value} {o.op} {operand} = {result}"
+        shown, operand, phrase, result = _with_error(value, o, rng)
+        wrong = result != apply_op(value, o.op, o.operand) or (operand, shown) != (o.operand, value)
+    writer.add(step_text(k, writer.problem.pronoun, phrase, shown, o.op, operand, result), wrong)
+    writer.value, writer.last = result, f"{shown} {o.op} {operand} = {result}"
+
+
+def _garble(steps: list[str], labels: list[int], rng: random.Random) -> None:
+    """ErrorKind.GARBLED on one step (in place): cut at a random character, a stray tail of some
+    step appended; it and every later step are labelled 0."""
+    k = rng.randrange(len(steps))
+    text = steps[k]
+    while True:
+        donor = rng.choice(steps)
+        piece = donor[len(donor) - rng.randint(*GARBLE_FRAGMENT) :]
+        garbled = text[: rng.randint(1, max(1, len(text) - 2))] + piece
+        if garbled != text and garbled.strip():
+            break
+    steps[k] = garbled
+    labels[k:] = [0] * (len(labels) - k)
 
 
 def task_solution(
@@ -186,7 +221,8 @@ def task_solution(
     """A solution of `problem`: each carry step slips (forgotten carry) with probability
     `slip_rate`; each other step gets one of STEP_ERRORS, each restating pad a wrong number and
     the answer step a wrong answer, with probability `error_rate`; pads before each step and
-    the answer at `pad_rate`. Later steps continue consistently from whatever was written.
+    the answer at `pad_rate`; and one step of the solution is GARBLED with probability
+    `error_rate`. Later steps continue consistently from whatever was written.
     Labels: first-error labelling (see the module docstring)."""
     writer = _Writer(problem, rng, error_rate, [], [], value=problem.start)
     for k in range(1, len(problem.operations) + 1):
@@ -198,4 +234,6 @@ def task_solution(
     if wrong:
         answer = _offset(rng, *ANSWER_OFFSET, writer.value)
     writer.add(answer_text(answer), wrong)
+    if rng.random() < error_rate:
+        _garble(writer.steps, writer.labels, rng)
     return TaskSolution(tuple(writer.steps), tuple(writer.labels), writer.pads)

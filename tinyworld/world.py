@@ -90,12 +90,14 @@ class BootstrapConfig:
 # For tests: the same pipeline at a small scale (under a minute); the format is learnt, the
 # arithmetic is not.
 QUICK = BootstrapConfig(
-    n_train=1000,
-    sft_steps=200,
-    drill_share=0.0,
-    prm_steps=20,
-    prm_eval_solutions=100,
-    eval_problems=20,
+    n_train=4000,
+    max_operations=3,
+    operation_kinds="+-",
+    sft_pad_rate=0.25,
+    sft_steps=800,
+    prm_steps=600,
+    prm_eval_solutions=200,
+    eval_problems=100,
     pass_problems=0,
 )
 

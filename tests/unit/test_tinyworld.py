@@ -202,3 +202,24 @@ def test_model_shape_is_the_shared_tiny_size() -> None:
 def test_quality_grades_with_the_verify_grader(text: str, answer: str | None, right: bool) -> None:
     assert solved(text, answer) is right
     assert right is (grading.grade(text, answer)[0] is grading.Verdict.CORRECT)
+
+
+def test_every_kind_of_error_is_the_first_error_where_the_text_first_differs() -> None:
+    """Labels follow the first-error rule for every ErrorKind (arithmetic, operand, carried,
+    event, answer, garbled) and the slip: all 1 up to the first step that differs from the
+    correct solution, all 0 from there on."""
+    rng = random.Random(5)
+    kinds_seen = set()
+    for problem in PROBLEMS * 2:
+        right = task_solution(problem, random.Random(0)).steps
+        solution = task_solution(problem, rng, slip_rate=0.5, error_rate=0.3)
+        first = next(
+            (k for k, (a, b) in enumerate(zip(solution.steps, right, strict=True)) if a != b), len(right)
+        )
+        assert solution.labels == tuple([1] * first + [0] * (len(right) - first))
+        if first < len(right):
+            broken = solution.steps[first]
+            kinds_seen.add(
+                "garbled" if not broken.startswith(("First", "Second", "Third", "Fourth", "The")) else "step"
+            )
+    assert kinds_seen == {"garbled", "step"}
