@@ -199,3 +199,15 @@ def test_pure_packages_import_without_service_dependencies(package: str) -> None
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) >= 1
+
+
+def test_test_modules_have_unique_basenames():
+    """pytest imports test modules by basename (rootdir, no packages): two files of one name in
+    different folders stop the whole collection on a clean checkout ("import file mismatch")."""
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        if path.name in seen:
+            clashes.append(f"{seen[path.name].relative_to(ROOT)} and {path.relative_to(ROOT)}")
+        seen.setdefault(path.name, path)
+    assert not clashes, "test modules share a basename: " + "; ".join(clashes)
