@@ -19,6 +19,8 @@ from puremesh.trainer.loop import Mesh, RunResult, train
 from puremesh.trainer.settings import LearnerSettings, WeightServerSettings
 from puremesh.weightsync import runs
 from puremesh.weightsync.bulk_server import BulkServer
+from puremesh.weightsync.nccl_group import VllmNccl
+from puremesh.weightsync.nccl_sender import NcclSender
 from puremesh.weightsync.servicer import WeightServicer, weight_service
 from puremesh.weightsync.store import WeightStore
 
@@ -152,6 +154,30 @@ def weight_store(
     return store, bulk
 
 
+def nccl_sender(store: WeightStore, weights: WeightServerSettings) -> NcclSender | None:
+    """The learner's NCCL groups when weights.nccl is on and this process can run NCCL (then the
+    store announces TRANSPORT_NCCL); otherwise None, warned once when it was asked for."""
+    if not weights.nccl:
+        return None
+    backend = VllmNccl()
+    reason = backend.unavailable()
+    if reason is not None:
+        log.warning("learner.weights.nccl: %s; replicas receive over the bulk port or FetchWeights", reason)
+        return None
+    limits = weights.limits
+    sender = NcclSender(
+        store,
+        backend,
+        weights.nccl_device,
+        setup_timeout_s=limits.nccl_setup_timeout_seconds,
+        max_groups=limits.max_nccl_groups,
+        chunk_bytes=weights.nccl_chunk_bytes,
+        min_bytes_per_second=limits.nccl_min_bytes_per_second,
+    )
+    store.offer_nccl()
+    return sender
+
+
 def weight_servicer(store: WeightStore, weights: WeightServerSettings) -> WeightServicer:
     limits = weights.limits
     return WeightServicer(
@@ -160,6 +186,7 @@ def weight_servicer(store: WeightStore, weights: WeightServerSettings) -> Weight
         limits.max_fetches,
         transfer_grace_s=limits.transfer_grace_seconds,
         min_bytes_per_second=limits.min_transfer_bytes_per_second,
+        nccl=nccl_sender(store, weights),
     )
 
 

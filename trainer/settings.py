@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from puremesh.contract.services import ServiceName
 from puremesh.rpc.settings import ClientSecurity, FrozenSettings, ServerSecurity
 from puremesh.weightsync.limits import WeightPlaneLimits
+from puremesh.weightsync.nccl_sender import DEFAULT_CHUNK_BYTES as DEFAULT_NCCL_CHUNK_BYTES
 
 from .algo.options import (
     DEFAULT_BASELINE,
@@ -160,6 +161,18 @@ class WeightServerSettings(ServerSecurity):
         True,
         description="with tls_cert, the bulk port speaks TLS too; false keeps its bytes in the clear "
         "(faster; still authenticated by the tokens' handshake and checked by the SHA-256)",
+    )
+    nccl: bool = Field(
+        False,
+        description="also offer the replicas an NCCL group each (GPU clusters; README 'Weights over NCCL'): "
+        "versions are announced with TRANSPORT_NCCL, the bulk port stays the fallback; ignored (warned) "
+        "where this process has no CUDA or NCCL",
+    )
+    nccl_device: str = Field("cuda", description="the CUDA device the learner sends NCCL weights from")
+    nccl_chunk_bytes: int = Field(
+        DEFAULT_NCCL_CHUNK_BYTES,
+        ge=1 << 20,
+        description="pieces of an NCCL send (one staging buffer of this size on nccl_device)",
     )
 
 

@@ -28,17 +28,22 @@ from puremesh.rpc.settings import ClientSecurity
 from puremesh.weights.v1 import weights_pb2, weights_pb2_grpc
 
 from .grpc_stream import GrpcStreamTransport
+from .nccl import NcclTransport
 from .tcp_bulk import TcpBulkTransport
 from .transport import Announcement, FetchedVersion, FetchOptions, Link, Transport
 
 FETCH_METHOD = "/puremesh.weights.v1.WeightService/FetchWeights"
 CONFIRM_TIMEOUT_S = 30.0
 # announced transport -> the class that receives it; announcements of a transport this replica
-# does not have (or has turned off) are fetched with TRANSPORT_GRPC_STREAM, always available.
+# does not have (or has turned off) are fetched over the bulk port when one is announced and
+# this replica uses it, else with TRANSPORT_GRPC_STREAM, always available.
 TRANSPORTS: dict[int, Callable[[Link], Transport]] = {
     weights_pb2.TRANSPORT_GRPC_STREAM: GrpcStreamTransport,
     weights_pb2.TRANSPORT_TCP_BULK: TcpBulkTransport,
+    weights_pb2.TRANSPORT_NCCL: NcclTransport,
 }
+# the transports a FetchOptions flag turns off
+_SWITCHES = {weights_pb2.TRANSPORT_TCP_BULK: "bulk", weights_pb2.TRANSPORT_NCCL: "nccl"}
 
 FETCH_SECONDS = Histogram(
     "puremesh_rollout_weight_fetch_seconds",
@@ -96,7 +101,7 @@ class WeightFetcher:
         self.transports: dict[int, Transport] = {
             value: factory(self.link)
             for value, factory in TRANSPORTS.items()
-            if options.bulk or value != weights_pb2.TRANSPORT_TCP_BULK
+            if getattr(options, _SWITCHES.get(value, ""), True)
         }
         self._spare: torch.Tensor | None = None
 
@@ -171,8 +176,10 @@ class WeightFetcher:
 
     def transport_for(self, announcement: Announcement) -> Transport:
         """The transport that receives `announcement`'s version: the one it names, if this
-        replica has it, else the gRPC stream."""
+        replica has it, else the bulk port if announced and used here, else the gRPC stream."""
         transport = self.transports.get(announcement.transport)
+        if transport is None and announcement.bulk_port:
+            transport = self.transports.get(weights_pb2.TRANSPORT_TCP_BULK)
         return transport or self.transports[weights_pb2.TRANSPORT_GRPC_STREAM]
 
     async def download(self, announcement: Announcement) -> FetchedVersion:
@@ -194,8 +201,10 @@ class WeightFetcher:
     def recycle(self, fetched: FetchedVersion) -> None:
         """Hand back a version whose tensors are no longer used (e.g. the engine copied them
         into the model): the next download of the same size reuses its buffer. Writing into
-        memory already mapped is several times faster than into fresh pages."""
-        self._spare = fetched.buffer
+        memory already mapped is several times faster than into fresh pages. (A buffer on a GPU,
+        from the NCCL transport, stays with that transport.)"""
+        if fetched.buffer.device.type == "cpu":
+            self._spare = fetched.buffer
 
     async def fetch(self, announcement: Announcement) -> list[tuple[str, torch.Tensor]]:
         """`download`, then the rebuilt (name, tensor) pairs, in manifest order."""

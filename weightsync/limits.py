@@ -15,6 +15,9 @@ from .bulk_server import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_PEER,
 )
+from .nccl_sender import DEFAULT_MAX_GROUPS
+from .nccl_sender import DEFAULT_MIN_BYTES_PER_SECOND as DEFAULT_NCCL_MIN_BYTES_PER_SECOND
+from .nccl_sender import DEFAULT_SETUP_TIMEOUT_S as DEFAULT_NCCL_SETUP_TIMEOUT_S
 from .replicas import DEFAULT_MAX_RECORDS, DEFAULT_TTL_S
 from .servicer import (
     DEFAULT_MAX_FETCHES,
@@ -59,3 +62,16 @@ class WeightPlaneLimits(FrozenSettings):
         DEFAULT_TTL_S, gt=0, description="a replica record not watching for this long expires"
     )
     max_replica_records: int = Field(DEFAULT_MAX_RECORDS, ge=1, description="replica records kept")
+    max_nccl_groups: int = Field(DEFAULT_MAX_GROUPS, ge=1, description="NCCL groups with replicas at most")
+    nccl_setup_timeout_seconds: float = Field(
+        DEFAULT_NCCL_SETUP_TIMEOUT_S,
+        gt=0,
+        description="both ranks of a replica's NCCL group must join within this, else it is destroyed; also "
+        "the grace of every NCCL send",
+    )
+    nccl_min_bytes_per_second: float = Field(
+        DEFAULT_NCCL_MIN_BYTES_PER_SECOND,
+        gt=0,
+        description="every NCCL send must finish within nccl_setup_timeout_seconds plus its bytes at this "
+        "rate, else its group is destroyed (DEADLINE_EXCEEDED)",
+    )

@@ -3,7 +3,8 @@
 WatchVersions announces the store's new versions, FetchWeights streams a version's chunks (each
 with its SHA-256, the manifest on the stream's first), DescribeVersion gives the manifest and the
 bulk chunks' CRC-32s, ConfirmVersion records that a replica holds a version (replicas.py's
-rules). Bad calls raise the domain errors of rpc/errors.py, which the host's interceptor
+rules), OpenNcclGroup and SendNccl hand over to the NCCL sender (nccl_sender.py) when the learner
+has one. Bad calls raise the domain errors of rpc/errors.py, which the host's interceptor
 (rpc/server.py) maps to status codes.
 
 FetchWeights writes each chunk with `context.write` under a deadline: the whole stream must go
@@ -114,8 +115,10 @@ class WeightServicer(weights_pb2_grpc.WeightServiceServicer):
         *,
         transfer_grace_s: float = DEFAULT_TRANSFER_GRACE_S,
         min_bytes_per_second: float = DEFAULT_MIN_BYTES_PER_SECOND,
+        nccl: Any = None,
     ) -> None:
         self.store = store
+        self.nccl = nccl  # nccl_sender.NcclSender: OpenNcclGroup and SendNccl; None = no NCCL plane
         self.max_watchers = max_watchers
         self.max_fetches = max_fetches
         self.transfer_grace_s = transfer_grace_s
@@ -244,6 +247,24 @@ class WeightServicer(weights_pb2_grpc.WeightServiceServicer):
             raise InvalidArgument(str(error)) from None
         return weights_pb2.ConfirmVersionResponse(current_version=self.store.current_version)
 
+    async def OpenNcclGroup(
+        self, request: weights_pb2.OpenNcclGroupRequest, context: grpc.aio.ServicerContext
+    ) -> weights_pb2.NcclGroup:
+        self._admit(request.replica_id)
+        return self._nccl().open(request.replica_id, request.run_id)
+
+    async def SendNccl(
+        self, request: weights_pb2.SendNcclRequest, context: grpc.aio.ServicerContext
+    ) -> weights_pb2.SendNcclResponse:
+        self._admit(request.replica_id)
+        sent = await self._nccl().send(request.replica_id, request.group_id, request.version, request.run_id)
+        return weights_pb2.SendNcclResponse(sent_bytes=sent)
+
+    def _nccl(self) -> Any:
+        if self.nccl is None:
+            raise NotReady("this learner has no NCCL data plane (learner.weights.nccl is off)")
+        return self.nccl
+
     def chunk(self, stored: StoredVersion, index: int, chunk_bytes: int, with_manifest: bool) -> ChunkMessage:
         """Chunk `index` of `stored` at `chunk_bytes` (the manifest on the stream's first)."""
         start, stop = stored.chunk_range(index, chunk_bytes)
@@ -326,6 +347,16 @@ def add_weight_service_to_server(servicer: WeightServicer, server: grpc.aio.Serv
             servicer.ConfirmVersion,
             request_deserializer=weights_pb2.ConfirmVersionRequest.FromString,
             response_serializer=weights_pb2.ConfirmVersionResponse.SerializeToString,
+        ),
+        "OpenNcclGroup": grpc.unary_unary_rpc_method_handler(
+            servicer.OpenNcclGroup,
+            request_deserializer=weights_pb2.OpenNcclGroupRequest.FromString,
+            response_serializer=weights_pb2.NcclGroup.SerializeToString,
+        ),
+        "SendNccl": grpc.unary_unary_rpc_method_handler(
+            servicer.SendNccl,
+            request_deserializer=weights_pb2.SendNcclRequest.FromString,
+            response_serializer=weights_pb2.SendNcclResponse.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -124,6 +124,7 @@ class WeightStore:
         self._closed = False
         # (port, advertised host, protocol, TLS) of a bulk data plane
         self._bulk: tuple[int, str, int, bool] = (0, "", 1, False)
+        self._nccl = False
 
     # ------------------------------------------------------------------ state
 
@@ -133,6 +134,11 @@ class WeightStore:
         the WeightService at (the usual case, also behind a Kubernetes Service); `protocol` and
         `tls` say how it authenticates (BulkServer.protocol, its TLS)."""
         self._bulk = (port, host, protocol, tls)
+
+    def offer_nccl(self) -> None:
+        """Announce the versions published from now on with TRANSPORT_NCCL (nccl_sender.py); the
+        bulk port, if offered, stays announced for replicas that cannot use NCCL."""
+        self._nccl = True
 
     def on_revoke(self, listener: Callable[[StoredVersion], None]) -> None:
         """Call `listener(stored)` (on the publishing thread) when a version is revoked."""
@@ -252,7 +258,7 @@ class WeightStore:
             sha256=sha256,
             chunk_bytes=self.chunk_bytes,
             published_at=time.time(),
-            transport=weights_pb2.TRANSPORT_TCP_BULK if port else weights_pb2.TRANSPORT_GRPC_STREAM,
+            transport=_transport(self._nccl, port),
             bulk_port=port,
             bulk_host=host,
             bulk_chunk_bytes=self.bulk_chunk_bytes,
@@ -382,3 +388,10 @@ class WeightStore:
         Returns the replicas that do; TimeoutError after `timeout` s (naming the laggards);
         RuntimeError if the store closes first."""
         return await self._replicas.wait_for(version, replicas, timeout, lambda: self._closed)
+
+
+def _transport(nccl: bool, bulk_port: int) -> int:
+    """The announced data path (weights.proto VersionAnnouncement.transport)."""
+    if nccl:
+        return weights_pb2.TRANSPORT_NCCL
+    return weights_pb2.TRANSPORT_TCP_BULK if bulk_port else weights_pb2.TRANSPORT_GRPC_STREAM

@@ -7,6 +7,8 @@ A version's announcement names its data path (weights.proto `Transport`); the fe
 
     TRANSPORT_GRPC_STREAM  grpc_stream.py  the FetchWeights chunk stream; always available
     TRANSPORT_TCP_BULK     tcp_bulk.py     the learner's bulk TCP port, falling back to the stream
+    TRANSPORT_NCCL         nccl.py         the replica's NCCL group with the learner (GPU), falling
+                                           back to the bulk port (or the stream)
 
 Every transport of one fetcher shares its `Link` (the learner's channel and stub, the replica
 id, the options, a worker thread). Adding a transport means one module with a class built
@@ -37,6 +39,8 @@ DEFAULT_BULK_CONNECT_TIMEOUT_S = 3.0
 DEFAULT_BULK_IO_TIMEOUT_S = 30.0
 # After the bulk port could not be reached, use FetchWeights alone for this long.
 DEFAULT_BULK_RETRY_AFTER_S = 60.0
+# After an NCCL group could not be set up (or the learner refused one), skip NCCL this long.
+DEFAULT_NCCL_RETRY_AFTER_S = 60.0
 
 FETCH_BYTES = Counter(
     "puremesh_rollout_weight_fetch_bytes_total",
@@ -68,6 +72,10 @@ class FetchOptions:
         for bytes on it, before falling back to FetchWeights.
     bulk_retry_after_s: after the bulk port could not be reached, FetchWeights alone is used
         for this long.
+    nccl: receive over NCCL when the learner announces TRANSPORT_NCCL (nccl.py) and this
+        process has CUDA and NCCL; else, and on any failure, the bulk port (or FetchWeights).
+    nccl_device: the device the NCCL transport receives into (the engine's GPU).
+    nccl_retry_after_s: after an NCCL setup failed or was refused, NCCL is skipped this long.
     """
 
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -78,6 +86,9 @@ class FetchOptions:
     bulk_connect_timeout_s: float = DEFAULT_BULK_CONNECT_TIMEOUT_S
     bulk_io_timeout_s: float = DEFAULT_BULK_IO_TIMEOUT_S
     bulk_retry_after_s: float = DEFAULT_BULK_RETRY_AFTER_S
+    nccl: bool = True
+    nccl_device: str = "cuda"
+    nccl_retry_after_s: float = DEFAULT_NCCL_RETRY_AFTER_S
 
 
 @dataclass(frozen=True)
@@ -120,7 +131,7 @@ class FetchedVersion:
 
     version: int
     manifest: Manifest
-    buffer: torch.Tensor  # uint8, total_bytes long
+    buffer: torch.Tensor  # uint8, total_bytes long (on the GPU when it came over NCCL)
     run_id: str = ""
     sha256: str = ""
 

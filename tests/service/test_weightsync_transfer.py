@@ -204,15 +204,17 @@ async def test_buffers_are_reused_only_when_nobody_reads_them(learner) -> None:
 
 async def test_the_announced_transport_selects_the_download(learner, monkeypatch) -> None:
     """An announcement is received by the transport registered for its `transport` value; one
-    this replica has not (NCCL here, or unspecified) goes over the gRPC stream."""
-    assert set(TRANSPORTS) == {weights_pb2.TRANSPORT_GRPC_STREAM, TCP_BULK}
+    this replica has not (NCCL turned off here, or unspecified) goes over the gRPC stream when no
+    bulk port is announced (the NCCL transport itself: test_weight_nccl.py)."""
+    assert set(TRANSPORTS) == {weights_pb2.TRANSPORT_GRPC_STREAM, TCP_BULK, weights_pb2.TRANSPORT_NCCL}
     info = learner.store.publish(1, mixed_tensors())
-    for value in (weights_pb2.TRANSPORT_NCCL, weights_pb2.TRANSPORT_UNSPECIFIED):
-        ann = dataclasses.replace(announced(info), transport=value)
-        assert isinstance(learner.fetcher.transport_for(ann), GrpcStreamTransport)
-        learner.learner.fetched_chunks.clear()
-        assert_same(await learner.fetcher.fetch(ann), mixed_tensors())
-        assert learner.learner.fetched_chunks == list(range(info.total_chunks))
+    async with fetcher_of(learner.learner, "replica-x", nccl=False) as plain:
+        for value in (weights_pb2.TRANSPORT_NCCL, weights_pb2.TRANSPORT_UNSPECIFIED):
+            ann = dataclasses.replace(announced(info), transport=value)
+            assert isinstance(plain.transport_for(ann), GrpcStreamTransport)
+            learner.learner.fetched_chunks.clear()
+            assert_same(await plain.fetch(ann), mixed_tensors())
+            assert learner.learner.fetched_chunks == list(range(info.total_chunks))
 
     used: list[int] = []
 

@@ -36,6 +36,8 @@ EXPECTED_SERVICES = {
             "FetchWeights": (False, True),
             "DescribeVersion": (False, False),
             "ConfirmVersion": (False, False),
+            "OpenNcclGroup": (False, False),
+            "SendNccl": (False, False),
         },
     ),
 }

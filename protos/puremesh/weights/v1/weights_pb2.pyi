@@ -141,3 +141,45 @@ class ConfirmVersionResponse(_message.Message):
     CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     current_version: int
     def __init__(self, current_version: _Optional[int] = ...) -> None: ...
+
+class OpenNcclGroupRequest(_message.Message):
+    __slots__ = ("replica_id", "run_id")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    run_id: str
+    def __init__(self, replica_id: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
+
+class NcclGroup(_message.Message):
+    __slots__ = ("group_id", "nccl_unique_id", "world_size", "rank", "setup_timeout_ms", "chunk_bytes")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    NCCL_UNIQUE_ID_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SETUP_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    group_id: int
+    nccl_unique_id: bytes
+    world_size: int
+    rank: int
+    setup_timeout_ms: int
+    chunk_bytes: int
+    def __init__(self, group_id: _Optional[int] = ..., nccl_unique_id: _Optional[bytes] = ..., world_size: _Optional[int] = ..., rank: _Optional[int] = ..., setup_timeout_ms: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class SendNcclRequest(_message.Message):
+    __slots__ = ("replica_id", "group_id", "version", "run_id")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    group_id: int
+    version: int
+    run_id: str
+    def __init__(self, replica_id: _Optional[str] = ..., group_id: _Optional[int] = ..., version: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
+
+class SendNcclResponse(_message.Message):
+    __slots__ = ("sent_bytes",)
+    SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    sent_bytes: int
+    def __init__(self, sent_bytes: _Optional[int] = ...) -> None: ...

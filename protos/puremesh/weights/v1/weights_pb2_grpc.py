@@ -55,6 +55,16 @@ class WeightServiceStub:
                 request_serializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.ConfirmVersionRequest.SerializeToString,
                 response_deserializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.ConfirmVersionResponse.FromString,
                 _registered_method=True)
+        self.OpenNcclGroup = channel.unary_unary(
+                '/puremesh.weights.v1.WeightService/OpenNcclGroup',
+                request_serializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.OpenNcclGroupRequest.SerializeToString,
+                response_deserializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.NcclGroup.FromString,
+                _registered_method=True)
+        self.SendNccl = channel.unary_unary(
+                '/puremesh.weights.v1.WeightService/SendNccl',
+                request_serializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.SendNcclRequest.SerializeToString,
+                response_deserializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.SendNcclResponse.FromString,
+                _registered_method=True)
 
 
 class WeightServiceServicer:
@@ -151,6 +161,49 @@ class WeightServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenNcclGroup(self, request, context):
+        """Opens this replica's NCCL group with the learner (see the file comment): the learner mints
+        an NCCL unique id, starts joining as rank 0 and answers at once; the replica joins as rank 1
+        within setup_timeout_ms. A replica id that already has a group gets a new one (the old one is
+        destroyed).
+
+        Idempotent: no; each call replaces the replica's group.
+
+        Status codes:
+        OK                  the group's id and unique id.
+        INVALID_ARGUMENT    replica_id is empty, or run_id is not the learner's run.
+        UNAVAILABLE         the learner has no NCCL data plane (turned off, no GPU or no NCCL), or
+        it is not ready or shutting down: receive over the bulk port instead.
+        RESOURCE_EXHAUSTED  the learner holds its most NCCL groups.
+        DEADLINE_EXCEEDED   the client deadline passed.
+        UNAUTHENTICATED     no token, or one the learner does not accept (when it has tokens).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendNccl(self, request, context):
+        """Sends one retained version's bytes over the replica's NCCL group (rank 0 broadcasts, in
+        pieces of chunk_bytes, in layout order), while the replica receives them. Answers once every
+        byte is sent; the replica then counts as having received the version in full.
+
+        Idempotent: yes; the same request sends the same bytes.
+
+        Status codes:
+        OK                  every byte was sent.
+        INVALID_ARGUMENT    replica_id is empty, or run_id is not the learner's run.
+        NOT_FOUND           the version is not retained, or the group is unknown (never opened,
+        replaced, or destroyed after a failure): open a new one.
+        UNAVAILABLE         the group's setup or the broadcast failed (the group is destroyed), or
+        the learner is shutting down.
+        DEADLINE_EXCEEDED   the group's setup or the broadcast did not finish within its deadline
+        (the group is destroyed).
+        UNAUTHENTICATED     no token, or one the learner does not accept (when it has tokens).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WeightServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -173,6 +226,16 @@ def add_WeightServiceServicer_to_server(servicer, server):
                     servicer.ConfirmVersion,
                     request_deserializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.ConfirmVersionRequest.FromString,
                     response_serializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.ConfirmVersionResponse.SerializeToString,
+            ),
+            'OpenNcclGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenNcclGroup,
+                    request_deserializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.OpenNcclGroupRequest.FromString,
+                    response_serializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.NcclGroup.SerializeToString,
+            ),
+            'SendNccl': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendNccl,
+                    request_deserializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.SendNcclRequest.FromString,
+                    response_serializer=puremesh_dot_weights_dot_v1_dot_weights__pb2.SendNcclResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -284,6 +347,60 @@ class WeightService:
             '/puremesh.weights.v1.WeightService/ConfirmVersion',
             puremesh_dot_weights_dot_v1_dot_weights__pb2.ConfirmVersionRequest.SerializeToString,
             puremesh_dot_weights_dot_v1_dot_weights__pb2.ConfirmVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenNcclGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/puremesh.weights.v1.WeightService/OpenNcclGroup',
+            puremesh_dot_weights_dot_v1_dot_weights__pb2.OpenNcclGroupRequest.SerializeToString,
+            puremesh_dot_weights_dot_v1_dot_weights__pb2.NcclGroup.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendNccl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/puremesh.weights.v1.WeightService/SendNccl',
+            puremesh_dot_weights_dot_v1_dot_weights__pb2.SendNcclRequest.SerializeToString,
+            puremesh_dot_weights_dot_v1_dot_weights__pb2.SendNcclResponse.FromString,
             options,
             channel_credentials,
             insecure,
