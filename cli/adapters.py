@@ -18,11 +18,13 @@ from puremesh.contract.verdict import Verdict
 from puremesh.rpc.client import RetryPolicy, RpcError
 from puremesh.rpc.errors import RETRYABLE_CODES
 from puremesh.rpc.settings import ClientSecurity
-from puremesh.services.prm.client import PrmClient, ScoredResponse
+from puremesh.services.prm.client import PrmClient, ScoredResponse, Steps
 from puremesh.services.rollout.client import RolloutClient
 from puremesh.services.verify.client import VerifyClient
 from puremesh.trainer.backends import BackendError, StepScores
 from puremesh.trainer.failover import GRADING_FAILURES, FailoverSettings, ServiceUnreachable
+
+from .prm_tokens import PolicySteps, agree
 
 log = logging.getLogger(__name__)
 Result = TypeVar("Result")
@@ -156,7 +158,9 @@ class MeshRollout:
 
 
 class MeshScorer:
-    """Scores through the PRM service; items that fail are scored once more (trainer/failover.py)."""
+    """Scores through the PRM service; items that fail are scored once more (trainer/failover.py).
+    Token ids are sent unless `check_tokenizer` found that the PRM's tokenizer differs from the
+    policy's: then step texts (cli/prm_tokens.py)."""
 
     def __init__(
         self,
@@ -168,6 +172,15 @@ class MeshScorer:
     ) -> None:
         clients = [PrmClient(t, timeout, SINGLE_TRY, application, security) for t in targets]
         self.pool = EndpointPool("prm", clients, policy)
+        self.texts: PolicySteps | None = None  # set when the PRM's tokenizer is not the policy's
+
+    async def check_tokenizer(self, policy: PolicySteps) -> bool:
+        """Compare the PRM's tokenizer with the policy's (once, at start); step texts from now on
+        if they differ. Whether they agree."""
+        identity = await self.pool.call(lambda client: client.describe_tokenizer())
+        same = agree(policy, identity.fingerprint, self.pool.targets)
+        self.texts = None if same else policy
+        return same
 
     async def score(self, prompt_ids: list[int], responses: list[list[int]]) -> list[StepScores]:
         results = await self._score(prompt_ids, responses)
@@ -181,10 +194,20 @@ class MeshScorer:
         if still:
             GRADING_FAILURES.labels("prm", "failed").inc(len(still))
             raise BackendError(f"prm could not score {len(still)} response(s), twice: {still[0]}")
-        return [StepScores([(s.token_start, s.token_end) for s in r.steps], r.scores) for r in results]
+        if self.texts is None:
+            return [StepScores([(s.token_start, s.token_end) for s in r.steps], r.scores) for r in results]
+        spans = [self.texts.steps(r)[0] for r in responses]
+        if any(len(s) != len(r.steps) for s, r in zip(spans, results, strict=True)):
+            raise BackendError("prm returned another number of scores than the steps it was sent")
+        return [StepScores(s, r.scores) for s, r in zip(spans, results, strict=True)]
 
     async def _score(self, prompt_ids: list[int], responses: list[list[int]]) -> list[ScoredResponse]:
-        return await self.pool.call(lambda client: client.score([(prompt_ids, r) for r in responses]))
+        if self.texts is None:
+            items: list = [(prompt_ids, r) for r in responses]
+        else:
+            prompt = self.texts.prompt_text(prompt_ids)
+            items = [(prompt, Steps(tuple(self.texts.steps(r)[1]))) for r in responses]
+        return await self.pool.call(lambda client: client.score(items))
 
 
 class MeshVerifier:

@@ -31,9 +31,11 @@ from puremesh.services.rollout.app import build_engine
 from puremesh.services.rollout.settings import RolloutSettings
 from puremesh.services.verify.pool import GradingPool
 from puremesh.services.verify.settings import VerifySettings
+from puremesh.trainer.data import PromptTemplate, TemplatePreset
+from puremesh.trainer.settings import PromptSettings
 
 from .errors import CliError
-from .eval_data import EvalItem, ItemResult, Template, load_items, set_names, summarize, table
+from .eval_data import EvalItem, ItemResult, load_items, set_names, summarize, table
 
 DEFAULT_MAX_NEW_TOKENS = 3000  # PURE's evaluation cap
 CONCURRENCY = 64  # questions generating at once
@@ -49,16 +51,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--engine", choices=("vllm", "hf"), default="vllm", help="generation engine")
     parser.add_argument(
         "--template",
-        choices=[str(t) for t in Template],
-        default=str(Template.PURE),
-        help="prompt template: PURE's, or the tiny world's (default: %(default)s)",
+        choices=[str(t) for t in TemplatePreset],
+        default=str(TemplatePreset.PURE),
+        help="prompt template preset: PURE's, or the tiny world's (default: %(default)s)",
     )
+    parser.add_argument(
+        "--prompt-format", default="", help="a format string with {question}; replaces the preset"
+    )
+    parser.add_argument(
+        "--chat-template", action="store_true", help="wrap the prompt in the model tokenizer's chat template"
+    )
+    parser.add_argument("--system-prompt", default="", help="the chat template's system turn")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="token cap")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items of each set")
     parser.add_argument("--dtype", default="auto", help='model dtype ("auto", "float32", "bfloat16")')
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     parser.set_defaults(run=run)
+
+
+def prompt_template(args: argparse.Namespace) -> PromptTemplate:
+    """The flags as the learner's PromptSettings (the same checks); CliError in one line."""
+    try:
+        return PromptSettings(
+            preset=args.template,
+            template=args.prompt_format,
+            chat_template=args.chat_template,
+            system_prompt=args.system_prompt,
+        ).prompt_template()
+    except ValueError as error:  # pydantic's ValidationError is a ValueError
+        reason = error.errors()[0]["msg"] if hasattr(error, "errors") else str(error)
+        raise CliError(f"prompt template: {reason.removeprefix('Value error, ')}") from None
 
 
 def _load_sets(args: argparse.Namespace) -> dict[str, list[EvalItem]]:
@@ -92,11 +115,12 @@ async def _generate(engine, prompt: str, cap: int) -> Sample | None:
 
 
 async def _evaluate_set(engine, pool: GradingPool, items: list[EvalItem], args, bar) -> list[ItemResult]:
-    template, gate = Template(args.template), asyncio.Semaphore(CONCURRENCY)
+    template, gate = args.prompt, asyncio.Semaphore(CONCURRENCY)
 
     async def one(index: int, item: EvalItem) -> ItemResult:
         async with gate:
-            sample = await _generate(engine, template.format(item.question), args.max_new_tokens)
+            prompt = template.render(item.question, args.tokenizer)
+            sample = await _generate(engine, prompt, args.max_new_tokens)
         if sample is None:
             bar.update(1)
             return ItemResult(index, item.question, item.answer, "", "", Verdict.ERROR, 0, "prompt_too_long")
@@ -129,6 +153,19 @@ async def evaluate(args: argparse.Namespace, sets: dict[str, list[EvalItem]]) ->
     return results
 
 
+def _chat_tokenizer(args: argparse.Namespace):
+    """The model's tokenizer when the chat template is asked for (None otherwise); CliError when
+    it has no chat template."""
+    if not args.prompt.chat:
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    if not getattr(tokenizer, "chat_template", None):
+        raise CliError(f"--chat-template: the tokenizer of {args.model} has no chat template")
+    return tokenizer
+
+
 def write_results(out: Path, args: argparse.Namespace, results: dict[str, list[ItemResult]]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     summaries = {name: summarize(items) for name, items in results.items()}
@@ -140,6 +177,7 @@ def write_results(out: Path, args: argparse.Namespace, results: dict[str, list[I
         "model": str(args.model),
         "engine": args.engine,
         "template": args.template,
+        "prompt": args.prompt.describe(),
         "max_new_tokens": args.max_new_tokens,
         "decoding": "greedy, one sample",
         "sets": summaries,
@@ -152,7 +190,17 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    args.prompt = prompt_template(args)
     sets = _load_sets(args)
+    args.tokenizer = _chat_tokenizer(args)
+    if sets:
+        first = next(iter(sets.values()))
+        if first:
+            logging.getLogger(__name__).info(
+                "prompt template %s; the first prompt: %r",
+                args.prompt.describe(),
+                args.prompt.render(first[0].question, args.tokenizer),
+            )
     try:
         results = asyncio.run(evaluate(args, sets))
     except (OSError, ValueError, RuntimeError) as error:

@@ -1,4 +1,5 @@
-"""`puremesh eval`'s inputs and outputs: evaluation sets, prompt templates, per-set results.
+"""`puremesh eval`'s inputs and outputs: evaluation sets and per-set results (the prompt templates
+are trainer/data.py's, chosen with the learner's PromptSettings).
 
 A set is a JSONL file (one object per line) or a parquet file, in PURE's layout (`question`,
 `answer`) or MATH's (`problem`, and a `solution` whose last \\boxed{} holds the answer; an
@@ -8,7 +9,6 @@ answer is an error naming the file and the row.
 
 from __future__ import annotations
 
-import enum
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -18,25 +18,9 @@ from typing import Any
 
 from puremesh.contract.verdict import Verdict
 from puremesh.services.verify import grading
-from puremesh.trainer.data import format_prompt
+from puremesh.trainer.data import PURE_TEMPLATE
 
-# PURE's evaluation prompt (its public evaluation code), with the question in front.
-PURE_TEMPLATE = (
-    '{question}\n\nPlease reason step by step with steps separated by "\\n\\n", and put your final answer '
-    "within \\boxed{{}}."
-)
-
-
-class Template(enum.StrEnum):
-    """The prompt around each question: PURE's, or the tiny world's (trainer/data.py)."""
-
-    PURE = "pure"
-    TINYWORLD = "tinyworld"
-
-    def format(self, question: str) -> str:
-        if self is Template.PURE:
-            return PURE_TEMPLATE.format(question=question.strip())
-        return format_prompt(question)
+__all__ = ["PURE_TEMPLATE", "EvalItem", "ItemResult", "load_items", "set_names", "summarize", "table"]
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from puremesh.rpc.auth import SecurityError, TokenFile, check_exposure, server_s
 from puremesh.rpc.server import ServiceHost
 from puremesh.rpc.settings import ServerSecurity, ServerSettings, log_settings
 from puremesh.trainer import checkpoint
+from puremesh.trainer.backends import BackendError
 from puremesh.trainer.failover import ServiceUnreachable
 from puremesh.trainer.loop import Mesh, RunResult, train
 from puremesh.trainer.settings import LearnerSettings, WeightServerSettings
@@ -26,6 +27,7 @@ from puremesh.weightsync.store import WeightStore
 
 from .adapters import MeshRollout, MeshScorer, MeshVerifier
 from .errors import CliError
+from .prm_tokens import PolicySteps
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ async def learn(
             learner = await on_weights_ready(host.target, learner)
         mesh = connect(learner, store, run.run_id, replicas)
         try:
+            await check_tokenizer(mesh.scorer, learner.policy_path)
             return await train(learner, mesh, resume=resume, progress=progress, on_step=on_step)
         except ServiceUnreachable as error:
             raise CliError(f"training stopped: {error}", exit_code=1) from None
@@ -61,6 +64,18 @@ async def learn(
     finally:
         close_weights(store, bulk)  # ends the WatchVersions streams, so the drain need not wait
         await host.drain(grace=1)
+
+
+async def check_tokenizer(scorer: MeshScorer, policy_path: str) -> None:
+    """The PRM tokenizer check at start (cli/prm_tokens.py); a PRM that cannot say which
+    tokenizer it has is one CliError line."""
+    from transformers import AutoTokenizer
+
+    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, policy_path, local_files_only=True)
+    try:
+        await scorer.check_tokenizer(await asyncio.to_thread(PolicySteps, tokenizer))
+    except BackendError as error:
+        raise CliError(f"cannot ask the PRM for its tokenizer: {error}", exit_code=1) from None
 
 
 def connect(learner: LearnerSettings, store: WeightStore, run_id: str, replicas: int) -> Mesh:

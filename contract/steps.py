@@ -1,4 +1,5 @@
-"""Step splitting and the PRM input layout, on token ids (pure-algorithm.md sections 1 and 2).
+"""Step splitting, the PRM input layout and its score read-out, on token ids (pure-algorithm.md
+sections 1 and 2).
 
 The one definition of steps, shared by the PRM service, PRM training and the learner (which
 turns the spans into tensors in trainer/algo/steps.py). Pure: stdlib only, plain values in and
@@ -15,13 +16,32 @@ Worked example (S = a separator id, E = EOS, n = the "\\n" id, prompt = [p0, p1]
     split_steps     [(0, 3), (3, 5)]           step 1 = a b S, step 2 = c E
     prm_input       [p0, p1, a, b, n, c, n]    end tokens S and E replaced by "\\n"
     readout         [4, 6]                     the positions of the inserted "\\n" tokens
+
+A PRM *layout* (`StepLayout`) says which token follows each step (`step_tag`, "\\n" above) and
+how the score is read from the logits there (`readout`):
+
+* PURE's PRM (PURE-PRM-7B, a Qwen2.5-Math-7B token classifier): step_tag "\\n", readout
+  `difference`, r = softmax(z)_1 - softmax(z)_0 = tanh((z1 - z0) / 2).
+* Qwen2.5-Math-PRM: a dedicated tag token after each step ("<extra_0>"), readout `positive`, the
+  probability of the positive class p mapped to [-1, 1] as 2p - 1. For a two-label head this is
+  the same number as `difference` (p1 - p0 = 2 p1 - 1); it differs for a head with one logit
+  (p = sigmoid(z)) or more than two labels (p = softmax(z)_1).
+
+PRM training writes its layout into the model directory (LAYOUT_FILE, `StepLayout.to_json`);
+the PRM service reads it from there unless its settings name one.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
 
 STEP_SEPARATOR = "\n\n"
+DEFAULT_STEP_TAG = "\n"
+LAYOUT_FILE = "puremesh_prm_layout.json"
 
 Span = tuple[int, int]
 
@@ -73,7 +93,7 @@ def prm_input(
     prompt_ids: Sequence[int],
     response_ids: Sequence[int],
     spans: Sequence[Span],
-    newline_id: int,
+    step_tag_id: int,
     drop_ids: Iterable[int],
 ) -> tuple[list[int], list[int]]:
     """The PRM's input ids and the positions at which its step scores are read.
@@ -83,7 +103,7 @@ def prm_input(
     final step: pass the separator ids plus EOS.
 
     The input is `prompt_ids` followed, for each step k, by the step's content tokens and then one
-    `newline_id` token, where:
+    `step_tag_id` token (the layout's step tag: "\\n" by default), where:
       * a non-final step's end token (always a separator) is dropped;
       * the final step's end token is dropped iff it is in `drop_ids` (a separator or EOS);
         otherwise (a response truncated mid-step) it is kept as content.
@@ -91,7 +111,7 @@ def prm_input(
     step has no content (e.g. a lone EOS after a separator).
 
     Returns (input_ids, readout_positions): readout_positions[k] is the index in input_ids of
-    the "\\n" inserted after step k, len(readout_positions) == len(spans). Empty spans -> the
+    the tag inserted after step k, len(readout_positions) == len(spans). Empty spans -> the
     prompt alone and no positions.
     """
     check_spans(spans, len(response_ids))
@@ -103,7 +123,7 @@ def prm_input(
         keep_end = k == last and response_ids[end - 1] not in drop
         input_ids.extend(response_ids[start : end if keep_end else end - 1])
         positions.append(len(input_ids))
-        input_ids.append(newline_id)
+        input_ids.append(step_tag_id)
     return input_ids, positions
 
 
@@ -116,3 +136,57 @@ def check_spans(spans: Sequence[Span], length: int) -> None:
         expected_start = end
     if expected_start != length:
         raise ValueError(f"steps must cover the response; got {list(spans)} for {length} tokens")
+
+
+# --- PRM layouts -------------------------------------------------------------------------------
+
+
+class Readout(StrEnum):
+    """How a step's score in [-1, 1] is read from the PRM's logits z at the step tag."""
+
+    DIFFERENCE = "difference"  # softmax(z)_1 - softmax(z)_0; a two-label head only
+    POSITIVE = "positive"  # 2p - 1, p = softmax(z)_1 (>= 2 labels) or sigmoid(z) (one logit)
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """The token placed after each step (its text must be one token of the PRM's tokenizer) and
+    the read-out of the logits there. The default is PURE's PRM layout."""
+
+    step_tag: str = DEFAULT_STEP_TAG
+    readout: Readout = Readout.DIFFERENCE
+
+    def to_json(self) -> str:
+        return json.dumps({"step_tag": self.step_tag, "readout": str(self.readout)}) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "layout") -> StepLayout:
+        """The layout `to_json` wrote; ValueError naming `where` if the text is not one."""
+        try:
+            data = json.loads(text)
+            layout = cls(step_tag=data["step_tag"], readout=Readout(data["readout"]))
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{where}: not a PRM layout ({error})") from error
+        if not isinstance(layout.step_tag, str) or not layout.step_tag:
+            raise ValueError(f"{where}: step_tag must be a non-empty string")
+        return layout
+
+
+def check_readout(readout: Readout, num_labels: int) -> None:
+    """ValueError unless a head of `num_labels` outputs can be read with `readout`."""
+    if readout is Readout.DIFFERENCE and num_labels != 2:
+        raise ValueError(f"readout 'difference' needs a PRM with 2 labels, this one has {num_labels}")
+    if num_labels < 1:
+        raise ValueError("a PRM needs at least one output")
+
+
+def read_score(logits: Sequence[float], readout: Readout) -> float:
+    """The step score in [-1, 1] from the logits at one step tag (see `Readout`)."""
+    if readout is Readout.DIFFERENCE:
+        z0, z1 = logits
+        return math.tanh((z1 - z0) / 2)
+    if len(logits) == 1:
+        return math.tanh(logits[0] / 2)  # 2 sigmoid(z) - 1
+    top = max(logits)
+    weights = [math.exp(z - top) for z in logits]
+    return 2 * weights[1] / sum(weights) - 1

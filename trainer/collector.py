@@ -27,7 +27,7 @@ from puremesh.contract.verdict import Verdict
 
 from . import metrics
 from .backends import AnswerVerifier, BackendError, RolloutBackend, StepScorer
-from .data import Problem, ProblemStream, format_prompt
+from .data import Problem, ProblemStream
 from .failover import FailoverSettings, ServiceUnreachable
 from .ledger import Key, Ledger
 
@@ -91,7 +91,7 @@ class Collector:
         scorer: StepScorer,
         verifier: AnswerVerifier,
         problems: ProblemStream,
-        encode: Callable[[str], list[int]],
+        encode: Callable[[str], list[int]],  # question -> prompt ids
         sampling: SamplingSpec,
         *,
         groups_in_flight: int,
@@ -252,7 +252,7 @@ class Collector:
 
     async def _group(self, prompt: _Prompt) -> ScoredGroup:
         problem = prompt.problem
-        prompt_ids = self.encode(format_prompt(problem.question))
+        prompt_ids = self.encode(problem.question)  # the prompt template rendered and tokenised
         began = time.perf_counter()
         # On-policy runs ask for the learner's version; stale-tolerant runs accept older replicas.
         min_version = max(0, self.version - self.max_staleness)

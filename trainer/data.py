@@ -1,4 +1,4 @@
-"""Training problems: loading, the prompt template, and a resumable shuffled stream.
+"""Training problems: loading, prompt templates, and a resumable shuffled stream.
 
 Pure-ish on purpose: stdlib only, plus pyarrow for parquet files and reasoning-gym for its
 generators, both imported lazily. No gRPC, nothing from services/.
@@ -7,21 +7,34 @@ A problem is a question and an optional ground-truth answer. PURE's data layout 
 pure-algorithm.md section 4) stores the answer "null" for the prompts that carry none; such
 problems still get process rewards, and a verifiable reward of 0. `keep_ground_truth` gives a
 problem list PURE's headline setting: ground truth on a fraction of the prompts only.
+
+A prompt template (`PromptTemplate`) is a format string with one {question} field, optionally
+wrapped as the user turn of the tokenizer's chat template (with a system prompt). The presets:
+`pure`, PURE's own prompt with no chat template, and `tinyworld`, the tiny policy's. The settings
+that choose one are trainer/settings.py's PromptSettings (training, the held-out evaluation and
+`puremesh eval` alike).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "PRESETS",
     "PROMPT_TEMPLATE",
+    "PURE_TEMPLATE",
     "Problem",
     "ProblemStream",
+    "PromptTemplate",
+    "TemplatePreset",
+    "check_format",
     "format_prompt",
     "keep_ground_truth",
     "load_problems",
@@ -36,6 +49,22 @@ PROMPT_TEMPLATE = (
     "Solve it step by step, one step per paragraph, and put the final answer in \\boxed{{}}.\n"
 )
 
+# PURE's prompt (its public training and evaluation code), the question in front, no chat template.
+PURE_TEMPLATE = (
+    '{question}\n\nPlease reason step by step with steps separated by "\\n\\n", and put your final answer '
+    "within \\boxed{{}}."
+)
+
+
+class TemplatePreset(StrEnum):
+    """Named prompt templates: PURE's, or the tiny world's."""
+
+    PURE = "pure"
+    TINYWORLD = "tinyworld"
+
+
+PRESETS = {TemplatePreset.PURE: PURE_TEMPLATE, TemplatePreset.TINYWORLD: PROMPT_TEMPLATE}
+
 # Answer values that mean "no ground truth" (compared after strip + lower).
 _NO_ANSWER = {"", "null", "none"}
 
@@ -48,9 +77,55 @@ class Problem:
     answer: str | None
 
 
+def check_format(text: str) -> None:
+    """ValueError, in one line, unless `text` is a format string whose only field is {question}
+    (literal braces doubled: "\\boxed{{}}")."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+    except ValueError as error:
+        raise ValueError(f"prompt template {text!r} is not a format string ({error})") from None
+    if "question" not in fields:
+        raise ValueError(f"prompt template {text!r} has no {{question}} field")
+    if fields != {"question"}:
+        others = ", ".join(sorted("{" + f + "}" for f in fields - {"question"}))
+        raise ValueError(f"prompt template {text!r} has fields other than {{question}}: {others}")
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """The prompt around a question: `format` (with {question}), then, with `chat`, the
+    tokenizer's chat template around it as the user turn, after a system turn of `system` (when
+    not empty), ending with the assistant's generation prompt."""
+
+    format: str = PROMPT_TEMPLATE
+    chat: bool = False
+    system: str = ""
+
+    def __post_init__(self) -> None:
+        check_format(self.format)
+        if self.system and not self.chat:
+            raise ValueError("a system prompt needs the chat template (chat_template: true)")
+
+    def render(self, question: str, tokenizer: Any = None) -> str:
+        """The prompt text for `question` (stripped). ValueError when the chat template is asked
+        for and `tokenizer` has none."""
+        text = self.format.format(question=question.strip())
+        if not self.chat:
+            return text
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the prompt asks for the tokenizer's chat template, and the tokenizer has none")
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        messages.append({"role": "user", "content": text})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def describe(self) -> str:
+        chat = f", in the chat template with system prompt {self.system!r}" if self.chat else ""
+        return f"{self.format!r}{chat}"
+
+
 def format_prompt(question: str) -> str:
-    """The policy prompt for `question` (PROMPT_TEMPLATE, question stripped)."""
-    return PROMPT_TEMPLATE.format(question=question.strip())
+    """The tiny world's prompt for `question` (PROMPT_TEMPLATE, question stripped)."""
+    return PromptTemplate().render(question)
 
 
 def _answer(value: Any, where: str) -> str | None:

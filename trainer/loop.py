@@ -101,8 +101,10 @@ class Learner:
     def tokenizer(self) -> Any:
         return self.trainable.tokenizer
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text)["input_ids"]
+    def encode(self, question: str) -> list[int]:
+        """The prompt ids of `question`: learner.prompt's template rendered, then tokenised."""
+        template = self.settings.prompt.prompt_template()
+        return self.tokenizer(template.render(question, self.tokenizer))["input_ids"]
 
 
 async def train(
@@ -152,11 +154,7 @@ async def _train(
     began = time.perf_counter()
     learner = await start(settings, mesh, resume, controller)
     result = RunResult(
-        steps=learner.step,
-        version=learner.version,
-        seconds=0.0,
-        n_eval=len(learner.heldout),
-        history=learner.journal.read(),
+        learner.step, learner.version, 0.0, n_eval=len(learner.heldout), history=learner.journal.read()
     )
     if learner.heldout and not learner.resumed:
         result.accuracy_before, result.stderr_before = await evaluate_heldout(learner, mesh, result, "before")
@@ -227,6 +225,8 @@ async def start(settings: LearnerSettings, mesh: Mesh, resume: bool, controller:
     )
     stream = ProblemStream(problems, seed=settings.seed)
     learner = Learner(settings, controller, stream, metrics.JsonlLog(out / "metrics.jsonl"), heldout)
+    first = settings.prompt.prompt_template().render(problems[0].question, learner.tokenizer)
+    log.info("prompt template %s; the first prompt: %r", settings.prompt.prompt_template().describe(), first)
     if state is not None:
         learner.stream = ProblemStream.from_state(problems, state.data_position)
         learner.step, learner.resumed = state.step, True

@@ -31,6 +31,7 @@ from .algo.options import (
     OffPolicyCorrection,
     RewardMode,
 )
+from .data import PRESETS, PromptTemplate, TemplatePreset
 from .failover import FailoverSettings
 
 ENV_PREFIX = "PUREMESH_LEARNER__"
@@ -208,6 +209,29 @@ class MemorySettings(FrozenSettings):
     )
 
 
+class PromptSettings(FrozenSettings):
+    """The prompt around each question, in training and the held-out evaluation alike
+    (trainer/data.py PromptTemplate; `puremesh eval` takes the same as flags). A template
+    without {question} is refused."""
+
+    preset: TemplatePreset = Field(
+        TemplatePreset.TINYWORLD, description="pure (PURE's prompt) or tinyworld (the tiny policy's)"
+    )
+    template: str = Field("", description="a format string with {question}; replaces the preset's")
+    chat_template: bool = Field(
+        False, description="wrap the prompt as the user turn of the policy tokenizer's chat template"
+    )
+    system_prompt: str = Field("", description="the chat template's system turn (needs chat_template)")
+
+    @model_validator(mode="after")
+    def _check(self) -> PromptSettings:
+        self.prompt_template()
+        return self
+
+    def prompt_template(self) -> PromptTemplate:
+        return PromptTemplate(self.template or PRESETS[self.preset], self.chat_template, self.system_prompt)
+
+
 class EvalSettings(FrozenSettings):
     heldout_path: str = Field("", description="held-out problems (JSONL or parquet); empty = no eval")
     n_eval: int = Field(500, ge=1)
@@ -262,6 +286,7 @@ class LearnerSettings(FrozenSettings):
     endpoints: EndpointSettings = EndpointSettings()
     weights: WeightServerSettings = WeightServerSettings()
     eval: EvalSettings = EvalSettings()
+    prompt: PromptSettings = PromptSettings()
     distributed: DistributedSettings = DistributedSettings()
     memory: MemorySettings = MemorySettings()
     ground_truth_fraction: float = Field(

@@ -30,6 +30,9 @@ class PrmDeployment(ServiceReplica):
     async def ScoreSteps(self, request: prm_pb2.ScoreStepsRequest, grpc_context=None):
         return await self.unary("ScoreSteps", request, grpc_context)
 
+    async def DescribeTokenizer(self, request: prm_pb2.DescribeTokenizerRequest, grpc_context=None):
+        return await self.unary("DescribeTokenizer", request, grpc_context)
+
 
 def build_app(args: Mapping[str, Any] | None = None):
     """serveConfigV2 import_path `puremesh.services.prm.ray_app:build_app`."""

@@ -1,15 +1,16 @@
 """The PRM scorer adapter: the only module of the PRM service that touches model weights.
 
-It loads a token-classification PRM (Qwen2-style, 2 labels, label 1 = "step is correct") and its
-tokenizer from a local directory and runs forward passes. Scores are read at given positions as
-
-    r = softmax(z)_1 - softmax(z)_0 = tanh((z1 - z0) / 2)                 (pure-algorithm.md 2)
-
-Input layout and step splitting live in contract/steps.py (pure); dynamic batching in batcher.py.
+It loads a token-classification PRM (Qwen2-style; label 1 = "step is correct") and its tokenizer
+from a local directory and runs forward passes. Its layout (the step tag after each step, the
+read-out of the logits there, e.g. r = softmax(z)_1 - softmax(z)_0 = tanh((z1 - z0) / 2) for
+PURE's PRM) comes from the settings, else from the model directory's layout file, else the
+default; layouts, input layout and step splitting are contract/steps.py's, the tokenizer's
+fingerprint contract/tokenizer.py's; dynamic batching lives in batcher.py.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,11 +19,30 @@ import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from puremesh.contract import steps as layout
+from puremesh.contract.tokenizer import tokenizer_fingerprint
 
 # (input_ids, readout_positions): one row of a forward pass, as built by layout.prm_input.
 ScoreItem = tuple[Sequence[int], Sequence[int]]
 
 DEFAULT_MAX_TOKENS_PER_FORWARD = 16384
+log = logging.getLogger(__name__)
+
+
+def model_layout(
+    model_dir: str | Path, step_tag: str | None, readout: layout.Readout | None
+) -> layout.StepLayout:
+    """The layout to serve: `step_tag` and `readout` where given, else the model directory's
+    layout file (written by PRM training), else the default (PURE's PRM)."""
+    path = Path(model_dir) / layout.LAYOUT_FILE
+    found = (
+        layout.StepLayout.from_json(path.read_text(), str(path)) if path.is_file() else layout.StepLayout()
+    )
+    chosen = layout.StepLayout(step_tag if step_tag is not None else found.step_tag, readout or found.readout)
+    if path.is_file() and chosen != found:
+        log.warning(
+            "serving the PRM with layout %s, not the %s it was trained with (%s)", chosen, found, path
+        )
+    return chosen
 
 
 def padded_tokens(lengths: Sequence[int]) -> int:
@@ -41,6 +61,8 @@ class PrmScorer:
         max_tokens_per_forward: cap on the padded size (rows * longest row) of one forward pass;
             `score` splits larger batches into several passes. A single row longer than the cap
             still runs, alone.
+        step_tag, readout: the layout (contract/steps.py StepLayout); None = the model
+            directory's layout file, else the default.
 
     Thread safety: `score` may be called from a worker thread, one call at a time.
     """
@@ -52,6 +74,8 @@ class PrmScorer:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         max_tokens_per_forward: int = DEFAULT_MAX_TOKENS_PER_FORWARD,
+        step_tag: str | None = None,
+        readout: layout.Readout | None = None,
     ) -> None:
         if max_tokens_per_forward < 1:
             raise ValueError(f"max_tokens_per_forward must be >= 1, got {max_tokens_per_forward}")
@@ -67,13 +91,14 @@ class PrmScorer:
             self.model_dir, local_files_only=True, dtype=self.dtype
         )
         self.model.to(self.device).eval()
-        if self.model.config.num_labels != 2:
-            raise ValueError(f"a PRM needs 2 labels, {self.model_dir} has {self.model.config.num_labels}")
-
-        newline = self.tokenize("\n")
-        if len(newline) != 1:
-            raise ValueError(f'the PRM tokenizer must encode "\\n" as one token, got {newline}')
-        self._newline_id = newline[0]
+        self.layout = model_layout(self.model_dir, step_tag, readout)
+        layout.check_readout(self.layout.readout, self.model.config.num_labels)
+        tag = self.tokenize(self.layout.step_tag)
+        if len(tag) != 1:
+            raise ValueError(
+                f"the PRM tokenizer must encode the step tag {self.layout.step_tag!r} as one token, got {tag}"
+            )
+        self._newline_id = tag[0]
         self._eos_id: int | None = self.tokenizer.eos_token_id
         self.vocab_size: int = self.model.get_input_embeddings().num_embeddings
         limit = getattr(self.model.config, "max_position_embeddings", None)
@@ -88,12 +113,14 @@ class PrmScorer:
         if self._eos_id is not None:
             drop.add(self._eos_id)
         self._drop_ids = frozenset(drop)
+        special = dict(zip(self.tokenizer.all_special_tokens, self.tokenizer.all_special_ids, strict=True))
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer.get_vocab(), special, self._separator_ids)
 
     # --- tokenizer facts ------------------------------------------------------------------
 
     @property
     def newline_id(self) -> int:
-        """The id of "\\n": inserted after every step, scores are read there."""
+        """The id of the step tag ("\\n" by default): inserted after every step, read there."""
         return self._newline_id
 
     @property
@@ -113,17 +140,36 @@ class PrmScorer:
     # --- layout ---------------------------------------------------------------------------
 
     def prepare(
-        self, prompt_ids: Sequence[int], response_ids: Sequence[int]
+        self,
+        prompt_ids: Sequence[int],
+        response_ids: Sequence[int],
+        spans: Sequence[layout.Span] | None = None,
     ) -> tuple[list[layout.Span], list[int], list[int]]:
         """(spans, input_ids, readout_positions) of one (prompt, response) pair; see contract/steps.py.
 
+        `spans` None: split the response at the separators; else the given steps (`step_ids`).
         An empty response gives ([], prompt, []): nothing to score.
         """
-        spans = layout.split_steps(response_ids, self._separator_ids)
+        spans = layout.split_steps(response_ids, self._separator_ids) if spans is None else list(spans)
         input_ids, positions = layout.prm_input(
             prompt_ids, response_ids, spans, self._newline_id, self._drop_ids
         )
         return spans, input_ids, positions
+
+    def step_ids(self, step_texts: Sequence[str]) -> tuple[list[int], list[layout.Span]]:
+        """The response of a client that sent step texts (its tokenizer differs from the PRM's):
+        each step tokenised alone with the PRM's tokenizer, the ids concatenated, one span per
+        step. An empty text is a step with no content (a lone EOS, which the layout drops);
+        ValueError for one when the tokenizer has no EOS."""
+        ids: list[int] = []
+        spans: list[layout.Span] = []
+        for k, text in enumerate(step_texts):
+            tokens = self.tokenize(text) or ([self._eos_id] if self._eos_id is not None else [])
+            if not tokens:
+                raise ValueError(f"step {k} is empty")
+            spans.append((len(ids), len(ids) + len(tokens)))
+            ids.extend(tokens)
+        return ids, spans
 
     def check_item(self, input_ids: Sequence[int], positions: Sequence[int]) -> None:
         """ValueError if one forward row is malformed: empty, longer than the model's context,
@@ -203,8 +249,8 @@ class PrmScorer:
         ).logits
         rows_at = torch.as_tensor(row_index, dtype=torch.long, device=logits.device)
         positions_at = torch.as_tensor(position_index, dtype=torch.long, device=logits.device)
-        z = logits[rows_at, positions_at].float()  # [N, 2]
-        flat = torch.tanh((z[:, 1] - z[:, 0]) / 2).cpu().tolist()
+        z = logits[rows_at, positions_at].float().cpu().tolist()  # [N, labels]
+        flat = [layout.read_score(row, self.layout.readout) for row in z]
         out: list[list[float]] = []
         offset = 0
         for _, positions in rows:

@@ -65,7 +65,10 @@ class PrmServicer(prm_pb2_grpc.PrmServiceServicer):
             device=self.settings.device,
             dtype=self.settings.dtype,
             max_tokens_per_forward=self.settings.max_batch_tokens,
+            step_tag=self.settings.step_tag,
+            readout=self.settings.readout,
         )
+        log.info("PRM layout %s, tokenizer %s", self.scorer.layout, self.scorer.fingerprint)
         warm = self.scorer.prepare(self.scorer.tokenize("1 + 1"), self.scorer.tokenize("2\n\n2"))
         await asyncio.to_thread(self.scorer.score, [(warm[1], warm[2])])
         self.batcher = DynamicBatcher(
@@ -109,8 +112,15 @@ class PrmServicer(prm_pb2_grpc.PrmServiceServicer):
     def _prepare(self, index: int, item: prm_pb2.ScoreItem) -> _Prepared:
         assert self.scorer is not None
         prompt_ids = self._token_ids(item, "prompt")
-        response_ids = self._token_ids(item, "response")
-        spans, input_ids, positions = self.scorer.prepare(prompt_ids, response_ids)
+        given = None
+        if item.WhichOneof("response") == "response_steps":
+            steps = list(item.response_steps.steps)
+            if sum(map(len, steps)) > self.settings.max_text_chars:
+                raise ValueError(f"response_steps hold more than {self.settings.max_text_chars} characters")
+            response_ids, given = self.scorer.step_ids(steps)
+        else:
+            response_ids = self._token_ids(item, "response")
+        spans, input_ids, positions = self.scorer.prepare(prompt_ids, response_ids, given)
         if spans:
             self.scorer.check_item(input_ids, positions)
         return _Prepared(index, response_ids, list(spans), input_ids, positions)
@@ -133,6 +143,16 @@ class PrmServicer(prm_pb2_grpc.PrmServiceServicer):
             [p.response_ids[start:end] for p in to_score for start, end in p.spans],
             skip_special_tokens=False,
             clean_up_tokenization_spaces=False,
+        )
+
+    async def DescribeTokenizer(self, request, context) -> prm_pb2.TokenizerIdentity:
+        if self.scorer is None:
+            raise NotReady("the PRM is not loaded")
+        return prm_pb2.TokenizerIdentity(
+            fingerprint=self.scorer.fingerprint,
+            vocab_size=self.scorer.vocab_size,
+            step_tag=self.scorer.layout.step_tag,
+            readout=str(self.scorer.layout.readout),
         )
 
     async def ScoreSteps(self, request: prm_pb2.ScoreStepsRequest, context) -> prm_pb2.ScoreStepsResponse:

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from puremesh.contract.services import SERVICES, ServiceName
+from puremesh.contract.steps import Readout
 from puremesh.rpc.settings import FrozenSettings, ServerSettings
 
 ENV_PREFIX = "PUREMESH_PRM__"
@@ -25,6 +26,17 @@ class PrmSettings(FrozenSettings):
     max_queue: int = Field(4096, ge=1, description="calls waiting for a batch before RESOURCE_EXHAUSTED")
     max_items: int = Field(1024, ge=1, description="items per ScoreSteps call; more is INVALID_ARGUMENT")
     max_text_chars: int = Field(200_000, ge=1, description="longer prompt or response texts fail as items")
+    step_tag: str | None = Field(
+        None,
+        min_length=1,
+        description='the token after each step, where scores are read ("\\n" for PURE\'s PRM, '
+        '"<extra_0>" for Qwen2.5-Math-PRM); None = the model directory\'s layout file, else "\\n"',
+    )
+    readout: Readout | None = Field(
+        None,
+        description="difference (softmax_1 - softmax_0) or positive (2p - 1); None = the model "
+        "directory's layout file, else difference (contract/steps.py Readout)",
+    )
     prepare_threads: int = Field(
         1, ge=1, le=64, description="threads that tokenise and lay out calls, beside the event loop"
     )

@@ -15,13 +15,13 @@ from puremesh.cli.eval_data import (
     PURE_TEMPLATE,
     EvalItem,
     ItemResult,
-    Template,
     load_items,
     set_names,
     summarize,
 )
 from puremesh.contract.verdict import Verdict
-from puremesh.trainer.data import format_prompt
+from puremesh.trainer.data import TemplatePreset, format_prompt
+from puremesh.trainer.settings import PromptSettings
 
 
 def write(path: Path, rows: list) -> Path:
@@ -71,10 +71,13 @@ def test_bad_rows_name_the_file_and_line(tmp_path, row, why):
 
 
 def test_templates_and_names():
-    assert Template.PURE.format(" Q? ") == PURE_TEMPLATE.format(question="Q?")
+    pure = PromptSettings(preset=TemplatePreset.PURE).prompt_template()
+    assert pure.render(" Q? ") == PURE_TEMPLATE.format(question="Q?")
     tail = 'Please reason step by step with steps separated by "\\n\\n", and put your final answer'
-    assert Template.PURE.format("Q?") == "Q?\n\n" + tail + " within \\boxed{}."
-    assert Template.TINYWORLD.format("Q?") == format_prompt("Q?")
+    assert pure.render("Q?") == "Q?\n\n" + tail + " within \\boxed{}."
+    assert PromptSettings(preset=TemplatePreset.TINYWORLD).prompt_template().render("Q?") == format_prompt(
+        "Q?"
+    )
     assert set_names(["x/math.jsonl", "y/math.parquet", "aime.jsonl", "z/math.jsonl"]) == [
         "math",
         "math-2",

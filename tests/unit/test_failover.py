@@ -23,7 +23,7 @@ from puremesh.services.verify.client import VerifyClient
 from puremesh.trainer.algo.advantages import verifiable_advantage
 from puremesh.trainer.backends import BackendError, StepScores
 from puremesh.trainer.collector import Collector
-from puremesh.trainer.data import Problem, ProblemStream
+from puremesh.trainer.data import Problem, ProblemStream, format_prompt
 from puremesh.trainer.failover import FailoverSettings, ServiceUnreachable
 from puremesh.trainer.ledger import Ledger, audit
 from puremesh.trainer.update import build_experience
@@ -171,7 +171,8 @@ class Verifier:
 def make(rollout, scorer=None, verifier=None, ledger=None, problems=20) -> Collector:
     stream = ProblemStream([Problem(f"q{i}", str(i % 2)) for i in range(problems)], seed=0)
     return Collector(
-        rollout, scorer or Scorer(), verifier or Verifier(), stream, lambda t: [ord(c) for c in t],
+        rollout, scorer or Scorer(), verifier or Verifier(), stream,
+        lambda q: [ord(c) for c in format_prompt(q)],
         SamplingSpec(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8),
         groups_in_flight=4, max_staleness=0, run_id="run-a", ledger=ledger, failover=FAST,
     )  # fmt: skip

@@ -27,7 +27,10 @@ EXPECTED_SERVICES = {
         "puremesh.rollout.v1.RolloutService",
         {"Generate": (False, True), "GetStatus": (False, False)},
     ),
-    "prm": ("puremesh.prm.v1.PrmService", {"ScoreSteps": (False, False)}),
+    "prm": (
+        "puremesh.prm.v1.PrmService",
+        {"ScoreSteps": (False, False), "DescribeTokenizer": (False, False)},
+    ),
     "verify": ("puremesh.verify.v1.VerifyService", {"Verify": (False, False)}),
     "weights": (
         "puremesh.weights.v1.WeightService",

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from puremesh.common.v1 import common_pb2 as puremesh_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19puremesh/prm/v1/prm.proto\x12\x0fpuremesh.prm.v1\x1a\x1fpuremesh/common/v1/common.proto\">\n\x11ScoreStepsRequest\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.puremesh.prm.v1.ScoreItem\"\xc7\x01\n\tScoreItem\x12\x15\n\x0bprompt_text\x18\x01 \x01(\tH\x00\x12\x38\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x1c.puremesh.common.v1.TokenIdsH\x00\x12\x17\n\rresponse_text\x18\x03 \x01(\tH\x01\x12:\n\x12response_token_ids\x18\x04 \x01(\x0b\x32\x1c.puremesh.common.v1.TokenIdsH\x01\x42\x08\n\x06promptB\n\n\x08response\"C\n\x12ScoreStepsResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.puremesh.prm.v1.ScoreResult\"f\n\x0bScoreResult\x12)\n\x05steps\x18\x01 \x03(\x0b\x32\x1a.puremesh.prm.v1.StepScore\x12,\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1d.puremesh.common.v1.ItemError\"P\n\tStepScore\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x13\n\x0btoken_start\x18\x02 \x01(\r\x12\x11\n\ttoken_end\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t2c\n\nPrmService\x12U\n\nScoreSteps\x12\".puremesh.prm.v1.ScoreStepsRequest\x1a#.puremesh.prm.v1.ScoreStepsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19puremesh/prm/v1/prm.proto\x12\x0fpuremesh.prm.v1\x1a\x1fpuremesh/common/v1/common.proto\">\n\x11ScoreStepsRequest\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.puremesh.prm.v1.ScoreItem\"\xfd\x01\n\tScoreItem\x12\x15\n\x0bprompt_text\x18\x01 \x01(\tH\x00\x12\x38\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x1c.puremesh.common.v1.TokenIdsH\x00\x12\x17\n\rresponse_text\x18\x03 \x01(\tH\x01\x12:\n\x12response_token_ids\x18\x04 \x01(\x0b\x32\x1c.puremesh.common.v1.TokenIdsH\x01\x12\x34\n\x0eresponse_steps\x18\x05 \x01(\x0b\x32\x1a.puremesh.prm.v1.StepTextsH\x01\x42\x08\n\x06promptB\n\n\x08response\"\x1a\n\tStepTexts\x12\r\n\x05steps\x18\x01 \x03(\t\"\x1a\n\x18\x44\x65scribeTokenizerRequest\"_\n\x11TokenizerIdentity\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x10\n\x08step_tag\x18\x03 \x01(\t\x12\x0f\n\x07readout\x18\x04 \x01(\t\"C\n\x12ScoreStepsResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.puremesh.prm.v1.ScoreResult\"f\n\x0bScoreResult\x12)\n\x05steps\x18\x01 \x03(\x0b\x32\x1a.puremesh.prm.v1.StepScore\x12,\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1d.puremesh.common.v1.ItemError\"P\n\tStepScore\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x13\n\x0btoken_start\x18\x02 \x01(\r\x12\x11\n\ttoken_end\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t2\xc7\x01\n\nPrmService\x12U\n\nScoreSteps\x12\".puremesh.prm.v1.ScoreStepsRequest\x1a#.puremesh.prm.v1.ScoreStepsResponse\x12\x62\n\x11\x44\x65scribeTokenizer\x12).puremesh.prm.v1.DescribeTokenizerRequest\x1a\".puremesh.prm.v1.TokenizerIdentityb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORESTEPSREQUEST']._serialized_start=79
   _globals['_SCORESTEPSREQUEST']._serialized_end=141
   _globals['_SCOREITEM']._serialized_start=144
-  _globals['_SCOREITEM']._serialized_end=343
-  _globals['_SCORESTEPSRESPONSE']._serialized_start=345
-  _globals['_SCORESTEPSRESPONSE']._serialized_end=412
-  _globals['_SCORERESULT']._serialized_start=414
-  _globals['_SCORERESULT']._serialized_end=516
-  _globals['_STEPSCORE']._serialized_start=518
-  _globals['_STEPSCORE']._serialized_end=598
-  _globals['_PRMSERVICE']._serialized_start=600
-  _globals['_PRMSERVICE']._serialized_end=699
+  _globals['_SCOREITEM']._serialized_end=397
+  _globals['_STEPTEXTS']._serialized_start=399
+  _globals['_STEPTEXTS']._serialized_end=425
+  _globals['_DESCRIBETOKENIZERREQUEST']._serialized_start=427
+  _globals['_DESCRIBETOKENIZERREQUEST']._serialized_end=453
+  _globals['_TOKENIZERIDENTITY']._serialized_start=455
+  _globals['_TOKENIZERIDENTITY']._serialized_end=550
+  _globals['_SCORESTEPSRESPONSE']._serialized_start=552
+  _globals['_SCORESTEPSRESPONSE']._serialized_end=619
+  _globals['_SCORERESULT']._serialized_start=621
+  _globals['_SCORERESULT']._serialized_end=723
+  _globals['_STEPSCORE']._serialized_start=725
+  _globals['_STEPSCORE']._serialized_end=805
+  _globals['_PRMSERVICE']._serialized_start=808
+  _globals['_PRMSERVICE']._serialized_end=1007
 # @@protoc_insertion_point(module_scope)

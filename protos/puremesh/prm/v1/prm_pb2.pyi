@@ -14,16 +14,40 @@ class ScoreStepsRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ...) -> None: ...
 
 class ScoreItem(_message.Message):
-    __slots__ = ("prompt_text", "prompt_token_ids", "response_text", "response_token_ids")
+    __slots__ = ("prompt_text", "prompt_token_ids", "response_text", "response_token_ids", "response_steps")
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_TEXT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_STEPS_FIELD_NUMBER: _ClassVar[int]
     prompt_text: str
     prompt_token_ids: _common_pb2.TokenIds
     response_text: str
     response_token_ids: _common_pb2.TokenIds
-    def __init__(self, prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., response_text: _Optional[str] = ..., response_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ...) -> None: ...
+    response_steps: StepTexts
+    def __init__(self, prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., response_text: _Optional[str] = ..., response_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., response_steps: _Optional[_Union[StepTexts, _Mapping]] = ...) -> None: ...
+
+class StepTexts(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, steps: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DescribeTokenizerRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TokenizerIdentity(_message.Message):
+    __slots__ = ("fingerprint", "vocab_size", "step_tag", "readout")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STEP_TAG_FIELD_NUMBER: _ClassVar[int]
+    READOUT_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    vocab_size: int
+    step_tag: str
+    readout: str
+    def __init__(self, fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., step_tag: _Optional[str] = ..., readout: _Optional[str] = ...) -> None: ...
 
 class ScoreStepsResponse(_message.Message):
     __slots__ = ("results",)

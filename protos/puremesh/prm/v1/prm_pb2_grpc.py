@@ -40,6 +40,11 @@ class PrmServiceStub:
                 request_serializer=puremesh_dot_prm_dot_v1_dot_prm__pb2.ScoreStepsRequest.SerializeToString,
                 response_deserializer=puremesh_dot_prm_dot_v1_dot_prm__pb2.ScoreStepsResponse.FromString,
                 _registered_method=True)
+        self.DescribeTokenizer = channel.unary_unary(
+                '/puremesh.prm.v1.PrmService/DescribeTokenizer',
+                request_serializer=puremesh_dot_prm_dot_v1_dot_prm__pb2.DescribeTokenizerRequest.SerializeToString,
+                response_deserializer=puremesh_dot_prm_dot_v1_dot_prm__pb2.TokenizerIdentity.FromString,
+                _registered_method=True)
 
 
 class PrmServiceServicer:
@@ -69,6 +74,22 @@ class PrmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeTokenizer(self, request, context):
+        """Reports the identity of the PRM's tokenizer and its layout, so that a client can tell
+        whether its own token ids mean the same to the PRM (equal fingerprints) or it must send
+        text. Added in v1 (additive); a server without it answers UNIMPLEMENTED.
+
+        Idempotent: yes (a function of the loaded PRM).
+
+        Status codes:
+        OK                  the PRM is loaded; the identity is in the response.
+        UNAVAILABLE         the PRM is not loaded yet, or the server is draining.
+        UNAUTHENTICATED     no token, or one the server does not accept (when it has tokens).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrmServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +97,11 @@ def add_PrmServiceServicer_to_server(servicer, server):
                     servicer.ScoreSteps,
                     request_deserializer=puremesh_dot_prm_dot_v1_dot_prm__pb2.ScoreStepsRequest.FromString,
                     response_serializer=puremesh_dot_prm_dot_v1_dot_prm__pb2.ScoreStepsResponse.SerializeToString,
+            ),
+            'DescribeTokenizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeTokenizer,
+                    request_deserializer=puremesh_dot_prm_dot_v1_dot_prm__pb2.DescribeTokenizerRequest.FromString,
+                    response_serializer=puremesh_dot_prm_dot_v1_dot_prm__pb2.TokenizerIdentity.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -106,6 +132,33 @@ class PrmService:
             '/puremesh.prm.v1.PrmService/ScoreSteps',
             puremesh_dot_prm_dot_v1_dot_prm__pb2.ScoreStepsRequest.SerializeToString,
             puremesh_dot_prm_dot_v1_dot_prm__pb2.ScoreStepsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeTokenizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/puremesh.prm.v1.PrmService/DescribeTokenizer',
+            puremesh_dot_prm_dot_v1_dot_prm__pb2.DescribeTokenizerRequest.SerializeToString,
+            puremesh_dot_prm_dot_v1_dot_prm__pb2.TokenizerIdentity.FromString,
             options,
             channel_credentials,
             insecure,
