@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
-
-import torch
 
 from puremesh.rollout.v1 import rollout_pb2_grpc
 from puremesh.rpc.server import ServiceDefinition
@@ -18,7 +15,6 @@ from .engine import Engine
 from .hf_engine import HfEngine
 from .servicer import POLICY_VERSION, SERVICE, RolloutServicer
 from .settings import RolloutSettings
-from .vllm_device import device_environment, vllm_platform
 from .vllm_engine import VllmEngine
 
 log = logging.getLogger(__name__)
@@ -39,12 +35,15 @@ def build_engine(settings: RolloutSettings) -> Engine:
     if settings.engine == "vllm":
         memory = settings.gpu_memory_utilization
         if memory is None:
-            memory = GPU_MEMORY_SHARE if torch.cuda.is_available() else CPU_MEMORY_SHARE
+            # (not torch.cuda.is_available(): it would fix the visible GPUs before the engine sets them)
+            memory = GPU_MEMORY_SHARE if settings.device.startswith("cuda") else CPU_MEMORY_SHARE
         return VllmEngine(
             settings.model_path,
             dtype=settings.dtype,
             max_model_len=settings.max_model_len,
             enforce_eager=settings.enforce_eager,
+            device=settings.device,
+            tensor_parallel_size=settings.tensor_parallel_size,
             engine_kwargs={"gpu_memory_utilization": memory, **settings.vllm_engine_args},
             **limits,
         )
@@ -63,13 +62,16 @@ def rollout_service(settings: RolloutSettings) -> ServiceDefinition:
     servicer = RolloutServicer(settings, engine, replica_id)
     subscriber = None
     if settings.weights_target:
-        options = FetchOptions(bulk=settings.weights_bulk)
+        options = FetchOptions(
+            bulk=settings.weights_bulk,
+            nccl=settings.weights_nccl and settings.device.startswith("cuda"),
+            # vLLM sees its GPUs from 0 (CUDA_VISIBLE_DEVICES); the hf engine the device as named
+            nccl_device="cuda:0" if settings.engine == "vllm" else settings.device,
+        )
         fetcher = WeightFetcher(settings.weights_target, replica_id, options, settings.weights_security)
         subscriber = WeightSubscriber(engine, fetcher, on_version=POLICY_VERSION.set)
 
     async def start() -> None:
-        if settings.engine == "vllm":  # vLLM takes no device argument: its platform and GPUs
-            os.environ.update(device_environment(settings.device, vllm_platform()))
         await engine.start()
         if subscriber is not None:
             # A replica that joins late or restarts pulls the current version before it is ready.

