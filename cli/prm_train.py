@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from puremesh.contract.steps import DEFAULT_STEP_TAG, Readout, StepLayout
 from puremesh.supervised import prm
 from puremesh.supervised.prm_data import EncodedRecord, PrmLayout, StepRecord, load_records
 
@@ -28,8 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             'Train a PRM (token classification, 2 labels, label 1 = "step is correct") on a JSONL '
             'file of {"prompt": str, "steps": [str, ...], "labels": [0|1, ...]} rows, in the exact '
-            "layout the PRM service scores: the prompt, then each step followed by one \\n token, "
-            "the label read at that \\n."
+            "layout the PRM service scores: the prompt, then each step followed by one step tag "
+            "token (\\n by default), the label read at that tag. The layout is written into --out, "
+            "where the PRM service picks it up."
         ),
     )
     parser.add_argument("--data", required=True, help="training JSONL (prompt, steps, labels)")
@@ -46,6 +48,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, default=prm.BATCH_SIZE, help="solutions per step (default: %(default)s)"
     )
     parser.add_argument("--seed", type=int, default=prm.SEED, help="random seed (default: %(default)s)")
+    parser.add_argument(
+        "--step-tag",
+        default=DEFAULT_STEP_TAG,
+        help="the token after each step, one token of the base's tokenizer (default: %(default)r)",
+    )
+    parser.add_argument(
+        "--readout",
+        choices=[str(r) for r in Readout],
+        default=str(Readout.DIFFERENCE),
+        help="how scores are read at the tag: softmax difference or 2p - 1 (default: %(default)s)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -71,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         model, tokenizer = prm.load_base(args.base)
-        layout = PrmLayout(tokenizer)
+        layout = PrmLayout(tokenizer, StepLayout(args.step_tag, Readout(args.readout)))
     except (OSError, ValueError) as error:
         raise CliError(f"cannot load a model from {args.base}: {str(error).splitlines()[0]}") from error
     rows = _encode(layout, records, args.data, model)
@@ -88,12 +101,12 @@ def run(args: argparse.Namespace) -> int:
     )
     _log(f"prm-train: trained in {time.perf_counter() - began:.1f} s")
     if eval_rows:
-        _log(f"prm-train: held-out {prm.evaluate_prm(model, eval_rows).line()}")
+        _log(f"prm-train: held-out {prm.evaluate_prm(model, eval_rows, layout.step.readout).line()}")
     try:
-        prm.save_prm(model, tokenizer, args.out)
+        prm.save_prm(model, tokenizer, args.out, layout.step)
     except OSError as error:
         raise CliError(f"cannot write {args.out}: {error.strerror or error}", exit_code=1) from error
-    print(f"prm-train: saved the PRM to {args.out}")
+    print(f"prm-train: saved the PRM to {args.out} (step tag {args.step_tag!r}, readout {args.readout})")
     return 0
 
 

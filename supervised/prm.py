@@ -2,7 +2,9 @@
 
 The PRM is a token-classification model with 2 labels (1 = "step is correct"), trained with
 cross-entropy at the read-out positions of `prm_data.PrmLayout` only, and scored as the PRM
-service scores: r = tanh((z1 - z0) / 2) (pure-algorithm.md section 2). `load_base` turns a local
+service scores, with the layout's read-out (contract/steps.py `read_score`; PURE's default
+r = tanh((z1 - z0) / 2), pure-algorithm.md section 2). `save_prm` writes the layout beside the
+weights (LAYOUT_FILE), where the PRM service finds it. `load_base` turns a local
 causal-LM checkpoint (the policy: its body is kept, a fresh 2-way head added) or an existing
 PRM into the model to train. The optimisation is `training.SupervisedTraining`.
 """
@@ -19,6 +21,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
+
+from puremesh.contract.steps import LAYOUT_FILE, Readout, StepLayout, read_score
 
 from .prm_data import EncodedRecord
 from .training import SupervisedTraining, length_batches
@@ -127,9 +131,13 @@ def train_prm(
 
 @torch.inference_mode()
 def step_scores(
-    model: Any, rows: Sequence[EncodedRecord], batch_size: int = SCORE_BATCH_SIZE
+    model: Any,
+    rows: Sequence[EncodedRecord],
+    batch_size: int = SCORE_BATCH_SIZE,
+    readout: Readout = Readout.DIFFERENCE,
 ) -> list[list[float]]:
-    """The score r = tanh((z1 - z0) / 2) at every read-out position of every row."""
+    """The score at every read-out position of every row, read as `readout` reads it (the
+    default: r = tanh((z1 - z0) / 2))."""
     model.eval()
     pad_id = int(model.config.pad_token_id or 0)
     out: list[list[float]] = []
@@ -137,7 +145,7 @@ def step_scores(
         chunk = rows[start : start + batch_size]
         input_ids, attention, row_at, pos_at, _ = _batch(chunk, pad_id)
         z = model(input_ids=input_ids, attention_mask=attention).logits[row_at, pos_at].float()
-        flat = torch.tanh((z[:, 1] - z[:, 0]) / 2).tolist()
+        flat = [read_score(logits, readout) for logits in z.tolist()]
         offset = 0
         for r in chunk:
             out.append(flat[offset : offset + len(r.positions)])
@@ -165,9 +173,11 @@ def auc(scores: Sequence[float], labels: Sequence[int]) -> float:
     return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
 
 
-def evaluate_prm(model: Any, rows: Sequence[EncodedRecord]) -> PrmMetrics:
+def evaluate_prm(
+    model: Any, rows: Sequence[EncodedRecord], readout: Readout = Readout.DIFFERENCE
+) -> PrmMetrics:
     """Step-level metrics of `model` on labelled rows."""
-    scores = [s for row in step_scores(model, rows) for s in row]
+    scores = [s for row in step_scores(model, rows, readout=readout) for s in row]
     labels = [v for row in rows for v in row.labels]
     hits = [(s > 0) == (v == 1) for s, v in zip(scores, labels, strict=True)]
 
@@ -184,9 +194,11 @@ def evaluate_prm(model: Any, rows: Sequence[EncodedRecord]) -> PrmMetrics:
     )
 
 
-def save_prm(model: Any, tokenizer: Any, out_dir: str | Path) -> None:
-    """The model and its tokenizer, save_pretrained into `out_dir` (created if missing)."""
+def save_prm(model: Any, tokenizer: Any, out_dir: str | Path, layout: StepLayout | None = None) -> None:
+    """The model and its tokenizer, save_pretrained into `out_dir` (created if missing), and the
+    layout it was trained with (LAYOUT_FILE; PURE's by default), which serving picks up."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+    (out / LAYOUT_FILE).write_text((layout or StepLayout()).to_json())

@@ -7,8 +7,9 @@ the policy sees it (e.g. `puremesh.trainer.data.format_prompt(question)`).
 Layout: exactly the serving layout (pure-algorithm.md section 2), built by the contract's
 `split_steps` + `prm_input` (puremesh.contract.steps) on the same tokenizer, so that training
 and scoring agree token for token. The response is the steps joined by the step separator plus
-EOS, tokenised the way the policy would have produced it; the label of step k sits on the "\\n"
-that `prm_input` inserts after it.
+EOS, tokenised the way the policy would have produced it; the label of step k sits on the step
+tag ("\\n" by default, or a dedicated tag token: contract/steps.py StepLayout) that `prm_input`
+inserts after it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from puremesh.contract.steps import STEP_SEPARATOR, prm_input, separator_ids, split_steps
+from puremesh.contract.steps import STEP_SEPARATOR, StepLayout, prm_input, separator_ids, split_steps
 
 
 @dataclass(frozen=True)
@@ -84,15 +85,19 @@ def load_records(path: str | Path) -> list[StepRecord]:
 
 
 class PrmLayout:
-    """The serving layout (see the module docstring) on one tokenizer: ValueError at construction
-    unless "\\n" is one token and some token decodes to text ending in the step separator."""
+    """The serving layout (see the module docstring) on one tokenizer, with `step` (the step tag
+    and read-out; PURE's by default): ValueError at construction unless the step tag is one
+    token and some token decodes to text ending in the step separator."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, step: StepLayout | None = None) -> None:
         self.tokenizer = tokenizer
-        newline = tokenizer.encode("\n", add_special_tokens=False)
-        if len(newline) != 1:
-            raise ValueError(f'the tokenizer must encode "\\n" as one token, got {newline}')
-        self.newline_id = newline[0]
+        self.step = step or StepLayout()
+        tag = tokenizer.encode(self.step.step_tag, add_special_tokens=False)
+        if len(tag) != 1:
+            raise ValueError(
+                f"the tokenizer must encode the step tag {self.step.step_tag!r} as one token, got {tag}"
+            )
+        self.newline_id = tag[0]
         self.eos_id = tokenizer.eos_token_id
         texts = tokenizer.batch_decode(
             [[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False
