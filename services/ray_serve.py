@@ -196,8 +196,6 @@ class ServiceSpec:
     prepare: adjusts the resolved settings for one replica, given a tag unique to it (e.g. the
         rollout replica id the learner tracks versions by).
     deployment_defaults: RayDeploymentSettings fields this service defaults differently.
-    resources_for: the deployment settings adjusted to the service's settings (e.g. the GPUs a
-        rollout replica spans); SettingsError when they cannot fit.
     """
 
     app: ServeApp
@@ -206,7 +204,6 @@ class ServiceSpec:
     factory: Callable[[Any], ServiceDefinition]
     prepare: Callable[[Any, str], Any] | None = None
     deployment_defaults: Mapping[str, Any] | None = None
-    resources_for: Callable[[Any, RayDeploymentSettings], RayDeploymentSettings] | None = None
 
     def load(self, data: Mapping[str, Any] | None) -> Any:
         """The service's settings: defaults < `data` < PUREMESH_<SERVICE>__ environment."""
@@ -232,11 +229,8 @@ def parse_args(spec: ServiceSpec, args: Mapping[str, Any] | None) -> tuple[dict,
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "args"
         raise SettingsError(f"invalid {spec.app.name} application args: {where}: {first['msg']}") from error
-    loaded = spec.load(parsed.settings)  # fail at deploy time, not in every replica
-    deployment = spec.deployment_settings(parsed.deployment)
-    if spec.resources_for is not None:
-        deployment = spec.resources_for(loaded, deployment)
-    return parsed.settings, deployment
+    spec.load(parsed.settings)  # fail at deploy time, not in every replica
+    return parsed.settings, spec.deployment_settings(parsed.deployment)
 
 
 def build_application(spec: ServiceSpec, deployment_class: type, args: Mapping[str, Any] | None):

@@ -14,6 +14,7 @@ from puremesh.services.ray_serve import (
     ServiceReplica,
     ServiceSpec,
     build_application,
+    parse_args,
 )
 
 from .app import rollout_service
@@ -50,7 +51,6 @@ SPEC = ServiceSpec(
     prepare=_prepare,
     # A replica batches concurrent Generate calls in its engine: many in flight each.
     deployment_defaults={"max_ongoing_requests": 64, "target_ongoing_requests": 16},
-    resources_for=gpu_request,
 )
 
 
@@ -69,6 +69,16 @@ class RolloutDeployment(ServiceReplica):
         return await self.unary("GetStatus", request, grpc_context)
 
 
+def with_gpus(args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """build_app's args with the deployment's num_gpus from `gpu_request` (SettingsError for
+    settings or deployment options that are invalid, or too few GPUs)."""
+    settings, deployment = parse_args(SPEC, args)
+    requested = gpu_request(SPEC.load(settings), deployment)
+    given = dict(args or {})
+    given["deployment"] = {**dict(given.get("deployment") or {}), "num_gpus": requested.num_gpus}
+    return given
+
+
 def build_app(args: Mapping[str, Any] | None = None):
     """serveConfigV2 import_path `puremesh.services.rollout.ray_app:build_app`."""
-    return build_application(SPEC, RolloutDeployment, args)
+    return build_application(SPEC, RolloutDeployment, with_gpus(args))

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from puremesh.rpc.settings import SettingsError
-from puremesh.services.ray_serve import RayDeploymentSettings
+from puremesh.services.ray_serve import RayDeploymentSettings, parse_args
 from puremesh.services.rollout.app import build_engine
-from puremesh.services.rollout.ray_app import SPEC, gpu_request
+from puremesh.services.rollout.ray_app import SPEC, gpu_request, with_gpus
 from puremesh.services.rollout.settings import RolloutSettings
 from puremesh.services.rollout.vllm_device import device_environment, executor_backend, vllm_platform
 
@@ -69,8 +69,9 @@ def test_ray_serve_requests_one_gpu_per_rank() -> None:
     with pytest.raises(SettingsError, match="num_gpus 2 is below tensor_parallel_size 4"):
         gpu_request(on_gpus, RayDeploymentSettings(num_gpus=2))
     assert gpu_request(RolloutSettings(model_path="/m"), default).num_gpus == 0  # hf on cpu
-    # through build_app's argument parsing, as `puremesh up --ray` and the chart pass them
-    from puremesh.services.ray_serve import parse_args
-
-    _, deployment = parse_args(SPEC, {"settings": on_gpus.model_dump(mode="json")})
-    assert deployment.serve_options()["ray_actor_options"]["num_gpus"] == 4
+    # build_app's arguments, as `puremesh up --ray` passes them
+    args = with_gpus({"settings": on_gpus.model_dump(mode="json"), "deployment": {"num_cpus": 2}})
+    _, deployment = parse_args(SPEC, args)
+    assert deployment.serve_options()["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 4}
+    with pytest.raises(SettingsError, match="below tensor_parallel_size"):
+        with_gpus({"settings": on_gpus.model_dump(mode="json"), "deployment": {"num_gpus": 1}})
