@@ -29,7 +29,7 @@ from puremesh.weightsync import runs
 
 pytestmark = pytest.mark.integration
 
-STEPS = 8
+STEPS = 12  # the learner is killed at step 5: steps 6-12 leave it time to be caught mid-run
 PROMPTS = 2
 
 
@@ -49,7 +49,10 @@ def config(policy: Path, prm: Path, problems: Path, out: Path, **mesh) -> dict:
             },
         },
         "mesh": {
-            "rollout_replicas": 2,
+            # One replica: the run cannot go on without it, so it cannot finish before the
+            # launcher has restarted the killed one (with two, the other carried all 8 steps
+            # in about 2 s and the run ended before the restart was seen).
+            "rollout_replicas": 1,
             "rollout": {"engine": "hf"},
             "prm": {"model_path": str(prm)},
             "verify": {"workers": 1},
