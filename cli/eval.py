@@ -3,7 +3,8 @@
 Protocol: greedy decoding, one sample per question, at most `--max-new-tokens` (3000) new tokens
 (fewer when the prompt and the cap would exceed the model's context), the response graded by the
 verify service's grader (services/verify/grading.py: the last \\boxed{} of the response against
-the gold answer, math-verify equivalence), in its process pool with a hard time limit per item.
+the gold answer, math-verify equivalence), in its process pool with a hard time limit per item;
+`--grader pure` grades with PURE's training-time check instead.
 The model is a local Hugging Face directory (a trained policy or an export), served by the
 rollout service's own engines (vLLM, or transformers with `--engine hf`).
 
@@ -29,7 +30,8 @@ from puremesh.contract.sampling import Sample, SamplingSpec
 from puremesh.contract.verdict import Verdict
 from puremesh.services.rollout.app import build_engine
 from puremesh.services.rollout.settings import RolloutSettings
-from puremesh.services.verify.pool import GradingPool
+from puremesh.services.verify.grading import Grader, grade_pure
+from puremesh.services.verify.pool import GradeResult, GradingPool
 from puremesh.services.verify.settings import VerifySettings
 from puremesh.trainer.data import PromptTemplate, TemplatePreset
 from puremesh.trainer.settings import PromptSettings
@@ -62,6 +64,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--chat-template", action="store_true", help="wrap the prompt in the model tokenizer's chat template"
     )
     parser.add_argument("--system-prompt", default="", help="the chat template's system turn")
+    parser.add_argument(
+        "--grader",
+        choices=[str(g) for g in Grader],
+        default=str(Grader.MATH_VERIFY),
+        help="the verify service's graders: math-verify, or PURE's check (default: %(default)s)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="token cap")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items of each set")
     parser.add_argument("--dtype", default="auto", help='model dtype ("auto", "float32", "bfloat16")')
@@ -124,7 +132,10 @@ async def _evaluate_set(engine, pool: GradingPool, items: list[EvalItem], args, 
         if sample is None:
             bar.update(1)
             return ItemResult(index, item.question, item.answer, "", "", Verdict.ERROR, 0, "prompt_too_long")
-        [graded] = await pool.grade_many([(sample.text, item.answer)], GRADE_TIMEOUT_S)
+        if args.grader == Grader.PURE:
+            graded = GradeResult(*grade_pure(sample.text, item.answer))
+        else:
+            [graded] = await pool.grade_many([(sample.text, item.answer)], GRADE_TIMEOUT_S)
         bar.update(1)
         return ItemResult(
             index, item.question, item.answer, sample.text, graded.answer, graded.verdict,
@@ -177,6 +188,7 @@ def write_results(out: Path, args: argparse.Namespace, results: dict[str, list[I
         "model": str(args.model),
         "engine": args.engine,
         "template": args.template,
+        "grader": args.grader,
         "prompt": args.prompt.describe(),
         "max_new_tokens": args.max_new_tokens,
         "decoding": "greedy, one sample",

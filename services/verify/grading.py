@@ -14,24 +14,42 @@ expensive one:
   by running it in a process that it can kill (see `pool.GradingPool`).
 
 `grade` composes the two and is what a single-threaded caller (a test, a notebook) uses.
+
+`Grader.PURE` is the other grader the verify service offers (`grader: pure`): PURE's
+training-time check, stricter than math-verify. The last ``\\boxed{}`` of the response (no box:
+no answer) is compared with the gold answer by string after the standard MATH answer
+normalisation (`normalize_answer`: the rules of the MATH benchmark's equivalence check, written
+here). Pure string work, linear time, so it needs no process of its own (`grade_pure`).
 """
 
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 
 from math_verify import parse, verify
 
 from puremesh.contract.verdict import Verdict
 
 __all__ = [
+    "Grader",
     "answers_match",
     "classify",
     "extract_final_answer",
     "gold_answer",
     "grade",
+    "grade_pure",
     "has_ground_truth",
+    "normalize_answer",
 ]
+
+
+class Grader(StrEnum):
+    """The answer check of the verify service: math-verify equivalence (the default), or PURE's
+    training-time check (the last box, compared by string after MATH's normalisation)."""
+
+    MATH_VERIFY = "math-verify"
+    PURE = "pure"
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,3 +239,64 @@ def grade(response: str, ground_truth: str | None) -> tuple[Verdict, str]:
         # classify leaves the verdict open only when there is a ground truth and an answer.
         verdict = Verdict.CORRECT if answers_match(answer, ground_truth or "") else Verdict.INCORRECT
     return verdict, answer
+
+
+# --------------------------------------------------------------------------------------------
+# PURE's check: the last box against the gold answer, by string after MATH's normalisation
+# --------------------------------------------------------------------------------------------
+
+_REMOVED = ("\n", "\\!", "\\left", "\\right", "^{\\circ}", "^\\circ", "\\$", "$", "\\%", "%")
+_SQRT_BARE_RE = re.compile(r"\\sqrt(\w)")
+_FRAC_BARE_RE = re.compile(r"\\frac(?![{\\])(\S)(?:(?![{\\])(\S)|(?=\{))")
+_SLASH_RE = re.compile(r"^(-?\d+)/(\d+)$")
+
+
+def _fix_fracs(text: str) -> str:
+    """\\frac12 -> \\frac{1}{2} and \\frac1{72} -> \\frac{1}{72}: bare one-character arguments braced."""
+
+    def brace(match: re.Match[str]) -> str:
+        first, second = match.group(1), match.group(2)
+        return "\\frac{" + first + "}" + ("{" + second + "}" if second is not None else "")
+
+    return _FRAC_BARE_RE.sub(brace, text)
+
+
+def normalize_answer(answer: str) -> str:
+    """An answer in the canonical form of the MATH benchmark's equivalence check.
+
+    Line breaks, thin spaces (``\\!``), ``\\left``/``\\right``, degree marks, dollar and percent
+    signs go; ``\\tfrac``/``\\dfrac`` become ``\\frac``; a trailing unit in ``\\text{ ...}`` goes;
+    a leading decimal point gets its 0 (".5" -> "0.5"); a short left-hand side ("x = 5") goes;
+    ``\\sqrt3`` and ``\\frac12`` get their braces; spaces go; "0.5" becomes ``\\frac{1}{2}`` and an
+    integer ratio "a/b" becomes ``\\frac{a}{b}``.
+    """
+    text = answer.replace("\\\\", "\\")
+    for token in _REMOVED:
+        text = text.replace(token, "")
+    text = text.replace("tfrac", "frac").replace("dfrac", "frac")
+    if "\\text{ " in text:
+        text = text.split("\\text{ ")[0]
+    text = text.replace(" .", " 0.").replace("{.", "{0.")
+    if text.startswith("."):
+        text = "0" + text
+    sides = text.split("=")
+    if len(sides) == 2 and len(sides[0].strip()) <= 2:
+        text = sides[1]
+    text = _SQRT_BARE_RE.sub(r"\\sqrt{\1}", text)
+    text = text.replace(" ", "")
+    text = _fix_fracs(text)
+    if text == "0.5":
+        text = "\\frac{1}{2}"
+    return _SLASH_RE.sub(r"\\frac{\1}{\2}", text)
+
+
+def grade_pure(response: str, ground_truth: str | None) -> tuple[Verdict, str]:
+    """PURE's training-time check: (verdict, the last box's content or ""). Only a box counts
+    as an answer; it is CORRECT iff its normalised text equals the normalised gold answer."""
+    answer = _last_boxed(response)
+    if not has_ground_truth(ground_truth):
+        return Verdict.NO_GROUND_TRUTH, answer or ""
+    if answer is None:
+        return Verdict.NO_ANSWER, ""
+    same = normalize_answer(answer) == normalize_answer(gold_answer(ground_truth or ""))
+    return (Verdict.CORRECT if same else Verdict.INCORRECT), answer

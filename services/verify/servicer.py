@@ -1,5 +1,6 @@
 """VerifyService: protobuf in, verdicts out. Grading itself lives in grading.py and pool.py, the
-verdict mapping in wire.py."""
+verdict mapping in wire.py. With `grader: pure` the items are graded in the server (grading.py
+`grade_pure`: string work, linear time); math-verify runs in the pool's processes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from puremesh.rpc.errors import DeadlineExceeded, InvalidArgument, Overloaded
 from puremesh.rpc.server import queue_budget
 from puremesh.verify.v1 import verify_pb2, verify_pb2_grpc
 
-from .pool import GradingPool, PoolBusyError
+from .grading import Grader, grade_pure
+from .pool import GradeResult, GradingPool, PoolBusyError
 from .settings import VerifySettings
 from .wire import VERDICT_TO_PROTO
 
@@ -41,6 +43,18 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             return f"ground_truth is longer than {self.settings.max_ground_truth_chars} characters"
         return None
 
+    async def _grade(self, work: list[tuple[str, str | None]], context) -> list[GradeResult]:
+        if self.settings.grader is Grader.PURE:
+            return [GradeResult(*grade_pure(response, truth)) for response, truth in work]
+        cap = self.settings.server.max_queue_wait_seconds
+        budget = queue_budget(context, cap)
+        try:
+            return await self.pool.grade_many(
+                work, self.settings.item_timeout_seconds, queue_timeout_s=budget
+            )
+        except PoolBusyError as error:
+            raise (DeadlineExceeded if budget < cap else Overloaded)(str(error)) from None
+
     async def Verify(self, request: verify_pb2.VerifyRequest, context) -> verify_pb2.VerifyResponse:
         items = request.items
         if len(items) > self.settings.max_items:
@@ -58,14 +72,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
         # Sampled around each call: the pool's waiting items and busy workers.
         metrics.QUEUE_DEPTH.labels(SERVICE).set(self.pool.queue_depth + len(work))
         BUSY_WORKERS.set(self.pool.busy)
-        cap = self.settings.server.max_queue_wait_seconds
-        budget = queue_budget(context, cap)
-        try:
-            graded = await self.pool.grade_many(
-                [w for _, w in work], self.settings.item_timeout_seconds, queue_timeout_s=budget
-            )
-        except PoolBusyError as error:
-            raise (DeadlineExceeded if budget < cap else Overloaded)(str(error)) from None
+        graded = await self._grade([w for _, w in work], context)
         metrics.QUEUE_DEPTH.labels(SERVICE).set(self.pool.queue_depth)
         BUSY_WORKERS.set(self.pool.busy)
         for (index, _), outcome in zip(work, graded, strict=True):
