@@ -10,8 +10,8 @@ runs at a time (the learner's GPU and link are shared; the replicas queue), so a
 the others back for at most that deadline: the group is then destroyed and the call answers
 DEADLINE_EXCEEDED.
 
-A replica that leaves takes only its own group with it: its next send fails or times out, its
-record expires, or its reopen replaces the group. Groups are bounded by `max_groups`.
+A replica that leaves takes only its own group with it: its next send fails or times out, or
+its reopen replaces the group. Groups are bounded by `max_groups`.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ class NcclSender:
         GROUPS.set(len(self._groups))
 
     def forget_replica(self, replica_id: str) -> None:
-        """Destroy `replica_id`'s group (its record expired)."""
+        """Destroy `replica_id`'s group."""
         entry = self._groups.pop(replica_id, None)
         if entry is not None:
             self._drop(replica_id, entry[1], GroupError("closed", "the replica went away"))
