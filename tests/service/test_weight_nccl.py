@@ -21,8 +21,10 @@ import pytest
 import torch
 from weightsync_learner import start_learner
 
+from puremesh.cli.learner import weight_servicer, weight_store
 from puremesh.rpc.client import RetryPolicy
 from puremesh.services.rollout.hf_engine import HfEngine
+from puremesh.trainer.settings import WeightServerSettings
 from puremesh.weights.v1 import weights_pb2, weights_pb2_grpc
 from puremesh.weightsync import nccl, nccl_sender
 from puremesh.weightsync.fetcher import WeightFetcher
@@ -57,6 +59,8 @@ class _LoopbackComm:
         while not self.aborted.is_set():
             try:
                 tensor.copy_(self.pipe.get(timeout=0.05))
+                if self.corrupt:
+                    tensor[0] ^= 0xFF
                 return
             except queue.Empty:
                 continue
@@ -64,6 +68,8 @@ class _LoopbackComm:
 
     def synchronize(self) -> None:
         pass
+
+    corrupt = False  # the receiver flips the first byte of every piece (a bad link)
 
     def destroy(self) -> None:
         self.aborted.set()
@@ -76,8 +82,9 @@ class LoopbackNccl:
     groups: ClassVar[dict[bytes, tuple[threading.Barrier, queue.Queue]]] = {}
     lock = threading.Lock()
 
-    def __init__(self, joins: bool = True, stall: bool = False) -> None:
+    def __init__(self, joins: bool = True, stall: bool = False, corrupt: bool = False) -> None:
         self.joins, self.stall = joins, threading.Event() if stall else None
+        self.corrupt = corrupt
         self.released = threading.Event()
 
     def unavailable(self) -> str | None:
@@ -93,7 +100,9 @@ class LoopbackNccl:
         with self.lock:
             barrier, pipe = self.groups.setdefault(unique_id, (threading.Barrier(world_size), queue.Queue()))
         barrier.wait(timeout=30)
-        return _LoopbackComm(pipe, rank, self.stall)
+        comm = _LoopbackComm(pipe, rank, self.stall)
+        comm.corrupt = self.corrupt
+        return comm
 
 
 @pytest.fixture
@@ -248,7 +257,7 @@ async def test_rendezvous_that_never_completes_falls_back_to_the_bulk_port(learn
         began = time.monotonic()
         fetched = await fetcher.download(announced)
         assert time.monotonic() - began < SHORT_SETUP_S + 3
-        assert fetched.buffer.device.type == "cpu"
+        assert fetched.buffer is not fetcher.transports[weights_pb2.TRANSPORT_NCCL]._device_buffer
         assert [name for name, _ in fetched.tensors()] == [name for name, _ in published]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(fetched.tensors(), published, strict=True))
         assert counter(nccl.NCCL_FALLBACKS, "setup_timeout") == fallbacks + 1
@@ -312,3 +321,41 @@ async def test_learner_never_hangs_on_a_dead_peer(learners, tiny_policy_dir) -> 
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await stub.SendNccl(request, timeout=30)
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_bytes_that_fail_the_sha256_fall_back_and_a_reopen_replaces_the_group(
+    learners, tiny_policy_dir
+) -> None:
+    learner = await learners(LoopbackNccl())
+    published = versions(base_weights(tiny_policy_dir), 1)
+    learner.store.publish(1, published)
+    mismatches = counter(nccl.NCCL_FALLBACKS, "sha256")
+    replaced = counter(nccl_sender.GROUP_EVENTS, "replaced")
+    async with fetcher_of(learner.target, LoopbackNccl(corrupt=True)) as fetcher:
+        fetched = await fetcher.download(await fetcher.current(0))
+        # the bulk port's buffer: the bytes received over NCCL were refused
+        assert fetched.buffer is not fetcher.transports[weights_pb2.TRANSPORT_NCCL]._device_buffer
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(fetched.tensors(), published, strict=True))
+    assert counter(nccl.NCCL_FALLBACKS, "sha256") == mismatches + 1
+    # the same replica id again (a restarted replica): its new group replaces the old one
+    async with fetcher_of(learner.target) as fetcher:
+        fetched = await fetcher.download(await fetcher.current(0))
+        assert fetched.buffer is fetcher.transports[weights_pb2.TRANSPORT_NCCL]._device_buffer  # over NCCL
+    assert counter(nccl_sender.GROUP_EVENTS, "replaced") == replaced + 1
+    assert list(learner.nccl._groups) == ["replica-1"]
+
+
+async def test_the_learner_offers_nccl_only_where_it_can_run(tiny_policy_dir, caplog) -> None:
+    """cli/learner.py: learner.weights.nccl on a machine without CUDA is warned and not announced."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    weights = WeightServerSettings(nccl=True)
+    store, bulk = weight_store(weights)
+    try:
+        assert weight_servicer(store, weights).nccl is None
+        info = store.publish(1, versions(base_weights(tiny_policy_dir), 1))
+        assert info.transport == weights_pb2.TRANSPORT_TCP_BULK
+        assert "learner.weights.nccl: no CUDA device" in caplog.text
+    finally:
+        store.close()
+        bulk.close()
