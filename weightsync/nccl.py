@@ -117,7 +117,7 @@ class NcclTransport:
             raise NcclFailure("unavailable", reason)
         group_id, group, piece = await self._ensure_group(announcement.run_id)
         manifest = await self._describe(announcement)
-        device_buffer = self._device_buffer_for(announcement.total_bytes)
+        device_buffer = self._device_buffer_for(announcement.total_bytes, group.device)
         digest = hashlib.sha256()
         hashing: list = []
 
@@ -209,13 +209,14 @@ class NcclTransport:
             raise NcclFailure("describe", message)
         return manifest
 
-    def _device_buffer_for(self, size: int) -> torch.Tensor:
-        """One model-size buffer on the device, reused while the size stays (the engine copies
-        the tensors out before the next download)."""
-        if self._device_buffer is None or self._device_buffer.numel() != size:
+    def _device_buffer_for(self, size: int, device: torch.device) -> torch.Tensor:
+        """One model-size buffer on the group's device, reused while the size stays (the engine
+        copies the tensors out before the next download)."""
+        held = self._device_buffer
+        if held is None or held.numel() != size or held.device != device:
             self._device_buffer = None
             try:
-                self._device_buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
+                self._device_buffer = torch.empty(size, dtype=torch.uint8, device=device)
             except RuntimeError as error:  # out of memory, or a device this process lacks
-                raise NcclFailure("setup", f"no {size}-byte buffer on {self.device}: {error}") from error
+                raise NcclFailure("setup", f"no {size}-byte buffer on {device}: {error}") from error
         return self._device_buffer

@@ -129,6 +129,14 @@ class VllmNccl:
         return _VllmCommunicator(uid_init_process_group(unique_id, rank, world_size, device), device)
 
 
+def concrete(device: torch.device) -> torch.device:
+    """`device` with its index ("cuda" is the current GPU, as NCCL's communicator names it);
+    resolved on first use, after the engine chose the visible GPUs."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class PairGroup:
     """One end of a group: its own thread, which joins at once and then runs `run`'s calls."""
 
@@ -145,6 +153,7 @@ class PairGroup:
         threading.Thread(target=self._serve, name=name, daemon=True).start()
 
     def _join(self, backend: NcclBackend, unique_id: bytes) -> None:
+        self.device = concrete(self.device)  # the buffers go where the communicator is
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.comm = backend.join(unique_id, self.rank, WORLD_SIZE, self.device)

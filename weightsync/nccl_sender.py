@@ -128,7 +128,7 @@ class NcclSender:
         try:
             async with self._sending:
                 await group.joined(self.setup_timeout_s)
-                staging = self._staging_buffer()
+                staging = self._staging_buffer(group.device)
                 what = f"sending version {version}"
                 sent = await group.run(lambda comm: send_bytes(comm, stored.storage, staging), limit, what)
         except GroupError as error:
@@ -142,9 +142,9 @@ class NcclSender:
         NCCL_SENT_BYTES.inc(sent)
         return sent
 
-    def _staging_buffer(self) -> torch.Tensor:
-        if self._staging is None:
-            self._staging = torch.empty(self.chunk_bytes, dtype=torch.uint8, device=self.device)
+    def _staging_buffer(self, device: torch.device) -> torch.Tensor:
+        if self._staging is None or self._staging.device != device:
+            self._staging = torch.empty(self.chunk_bytes, dtype=torch.uint8, device=device)
         return self._staging
 
     def _forget(self, replica_id: str, group: PairGroup, error: GroupError) -> None:
