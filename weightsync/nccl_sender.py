@@ -10,8 +10,9 @@ runs at a time (the learner's GPU and link are shared; the replicas queue), so a
 the others back for at most that deadline: the group is then destroyed and the call answers
 DEADLINE_EXCEEDED.
 
-A replica that leaves takes only its own group with it: its next send fails or times out, or
-its reopen replaces the group. Groups are bounded by `max_groups`.
+A replica that leaves takes only its own group with it: its next send fails or times out, its
+reopen replaces the group, or, when the groups are full, its group goes once the learner no
+longer knows the replica (`_prune`). Groups are bounded by `max_groups`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ DEFAULT_MIN_BYTES_PER_SECOND = 256 << 20
 GROUP_EVENTS = Counter(
     "puremesh_learner_weight_nccl_group_events_total",
     "NCCL groups with replicas: opened, and ended by reason",
-    ["event"],  # opened | replaced | setup | setup_timeout | transfer | transfer_timeout | closed
+    ["event"],  # opened | replaced | expired | setup | setup_timeout | transfer | transfer_timeout | closed
 )
 GROUPS = Gauge("puremesh_learner_weight_nccl_open_groups", "NCCL groups with replicas held now")
 NCCL_SENT_BYTES = Counter(
@@ -85,6 +86,8 @@ class NcclSender:
         old = self._groups.pop(replica_id, None)
         if old is not None:
             self._drop(replica_id, old[1], GroupError("replaced", "the replica opened a new group"))
+        if len(self._groups) >= self.max_groups:
+            self._prune()
         if len(self._groups) >= self.max_groups:
             raise Overloaded(f"{len(self._groups)} NCCL groups are open")
         group_id = next(self._ids)
@@ -141,6 +144,15 @@ class NcclSender:
         self.store.sent(replica_id, version, 0, total)
         NCCL_SENT_BYTES.inc(sent)
         return sent
+
+    def _prune(self) -> None:
+        """Destroy the groups of replicas the learner no longer knows: never subscribed, or their
+        record expired (limits.replica_ttl_seconds without watching). A replica that died
+        silently holds its group until then."""
+        known = self.store.replicas
+        for replica_id in [r for r in self._groups if r not in known]:
+            group = self._groups.pop(replica_id)[1]
+            self._drop(replica_id, group, GroupError("expired", "the replica is no longer known"))
 
     def _staging_buffer(self, device: torch.device) -> torch.Tensor:
         if self._staging is None or self._staging.device != device:

@@ -205,11 +205,21 @@ async def test_open_and_send_status_codes(learners, tiny_policy_dir) -> None:
     run = loopback.store.run_id
     for bad in (opening(replica_id=""), opening(replica_id="r", run_id="other")):
         assert (await call(loopback, "OpenNcclGroup", bad))[0] == grpc.StatusCode.INVALID_ARGUMENT
-    group = await call(loopback, "OpenNcclGroup", opening(replica_id="r", run_id=run))
-    assert (group.world_size, group.rank, group.chunk_bytes) == (2, 1, PIECE_BYTES)
-    assert len(group.nccl_unique_id) == 128
-    code, details = await call(loopback, "OpenNcclGroup", opening(replica_id="s", run_id=run))
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED  # max_groups=1
+    ghost = await call(loopback, "OpenNcclGroup", opening(replica_id="ghost", run_id=run))  # never watches
+    assert ghost.group_id >= 1
+    expired = counter(nccl_sender.GROUP_EVENTS, "expired")
+    async with grpc.aio.insecure_channel(loopback.target) as channel:  # "r" watches meanwhile
+        watch = weights_pb2_grpc.WeightServiceStub(channel).WatchVersions(
+            weights_pb2.WatchVersionsRequest(replica_id="r", run_id=run, current_version=1)
+        )
+        await watch.initial_metadata()
+        group = await call(loopback, "OpenNcclGroup", opening(replica_id="r", run_id=run))
+        assert counter(nccl_sender.GROUP_EVENTS, "expired") == expired + 1  # the full table let "ghost" go
+        assert (group.world_size, group.rank, group.chunk_bytes) == (2, 1, PIECE_BYTES)
+        assert len(group.nccl_unique_id) == 128
+        code, details = await call(loopback, "OpenNcclGroup", opening(replica_id="s", run_id=run))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED  # max_groups=1, held by a watching replica
+        watch.cancel()
 
     sending = weights_pb2.SendNcclRequest
     unknown_group = sending(replica_id="r", group_id=group.group_id + 1, version=1, run_id=run)
