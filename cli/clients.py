@@ -25,6 +25,7 @@ from puremesh.services.rollout.client import RolloutClient
 from puremesh.services.verify.client import VerifyClient
 
 from .errors import CliError
+from .prompt_flags import add_template_flags, prompt_template
 
 
 def _add_target(parser: argparse.ArgumentParser, default_port: int) -> None:
@@ -87,11 +88,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_target(score, SERVICES[ServiceName.PRM].grpc_port)
     score.add_argument("--question", required=True, help="the prompt the response answers")
     score.add_argument("--response", required=True, help='the response; steps are separated by "\n\n"')
+    add_template_flags(score, None, chat=False)
     score.set_defaults(run=run_score)
 
     generate = sub.add_parser("generate", help="sample responses to a prompt (RolloutService)")
     _add_target(generate, SERVICES[ServiceName.ROLLOUT].grpc_port)
-    generate.add_argument("--prompt", required=True, help="the prompt text")
+    generate.add_argument("--prompt", required=True, help="the prompt text (the question, with a template)")
+    add_template_flags(generate, None, chat=False)
     generate.add_argument("-n", type=int, default=1, help="number of samples (default: %(default)s)")
     generate.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: %(default)s)")
     generate.add_argument("--top-p", type=float, default=1.0)
@@ -130,10 +133,18 @@ def run_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text(args: argparse.Namespace, text: str) -> str:
+    """`text`, rendered with the template flags' prompt template when one is asked for."""
+    template = prompt_template(args)
+    return text if template is None else template.render(text)
+
+
 def run_score(args: argparse.Namespace) -> int:
+    prompt = _text(args, args.question)
+
     async def call():
         async with PrmClient(args.target, **_options(args)) as client:
-            return (await client.score([(args.question, args.response)]))[0]
+            return (await client.score([(prompt, args.response)]))[0]
 
     scored = _run(call())
     if scored.error is not None:
@@ -150,10 +161,11 @@ def run_score(args: argparse.Namespace) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     sampling = SamplingSpec(args.n, args.temperature, args.top_p, args.max_new_tokens, args.seed, args.stop)
+    prompt = _text(args, args.prompt)
 
     async def call():
         async with RolloutClient(args.target, **_options(args)) as client:
-            return [sample async for sample in client.generate(args.prompt, sampling)]
+            return [sample async for sample in client.generate(prompt, sampling)]
 
     samples = sorted(_run(call()), key=lambda s: s.sample_index)
     if args.json:

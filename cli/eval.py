@@ -33,11 +33,11 @@ from puremesh.services.rollout.settings import RolloutSettings
 from puremesh.services.verify.grading import Grader, grade_pure
 from puremesh.services.verify.pool import GradeResult, GradingPool
 from puremesh.services.verify.settings import VerifySettings
-from puremesh.trainer.data import PromptTemplate, TemplatePreset
-from puremesh.trainer.settings import PromptSettings
+from puremesh.trainer.data import TemplatePreset
 
 from .errors import CliError
 from .eval_data import EvalItem, ItemResult, load_items, set_names, summarize, table
+from .prompt_flags import add_template_flags, prompt_template
 
 DEFAULT_MAX_NEW_TOKENS = 3000  # PURE's evaluation cap
 CONCURRENCY = 64  # questions generating at once
@@ -51,19 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", required=True, action="append", help="JSONL or parquet set (repeatable)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--engine", choices=("vllm", "hf"), default="vllm", help="generation engine")
-    parser.add_argument(
-        "--template",
-        choices=[str(t) for t in TemplatePreset],
-        default=str(TemplatePreset.PURE),
-        help="prompt template preset: PURE's, or the tiny world's (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--prompt-format", default="", help="a format string with {question}; replaces the preset"
-    )
-    parser.add_argument(
-        "--chat-template", action="store_true", help="wrap the prompt in the model tokenizer's chat template"
-    )
-    parser.add_argument("--system-prompt", default="", help="the chat template's system turn")
+    add_template_flags(parser, str(TemplatePreset.PURE), chat=True)
     parser.add_argument(
         "--grader",
         choices=[str(g) for g in Grader],
@@ -76,20 +64,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     parser.set_defaults(run=run)
-
-
-def prompt_template(args: argparse.Namespace) -> PromptTemplate:
-    """The flags as the learner's PromptSettings (the same checks); CliError in one line."""
-    try:
-        return PromptSettings(
-            preset=args.template,
-            template=args.prompt_format,
-            chat_template=args.chat_template,
-            system_prompt=args.system_prompt,
-        ).prompt_template()
-    except ValueError as error:  # pydantic's ValidationError is a ValueError
-        reason = error.errors()[0]["msg"] if hasattr(error, "errors") else str(error)
-        raise CliError(f"prompt template: {reason.removeprefix('Value error, ')}") from None
 
 
 def _load_sets(args: argparse.Namespace) -> dict[str, list[EvalItem]]:

@@ -6,6 +6,8 @@ shows on the metric."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 
 import pytest
@@ -20,6 +22,7 @@ from puremesh.services.prm.app import prm_service
 from puremesh.services.prm.client import PrmClient, Steps
 from puremesh.services.prm.scorer import PrmScorer
 from puremesh.services.prm.settings import PrmSettings
+from puremesh.trainer.data import format_prompt
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?\n"
 # Under Qwen2's vocabulary the three steps end in the merged separators ".\n\n", ":\n\n", "\n\n\n".
@@ -123,3 +126,15 @@ async def test_step_texts_on_the_wire(prm_host, scorer):
     assert [s.text for s in by_steps.steps[:2]] == list(steps[:2])
     # The first two steps read the same scores as the same text split by the PRM itself.
     assert by_steps.scores[:2] == pytest.approx(by_text.scores[:2], abs=1e-5)
+
+
+async def test_the_score_client_renders_its_question_with_a_template(prm_host, scorer, run_cli):
+    cli = await asyncio.to_thread(
+        run_cli, "score", "--target", prm_host.target, "--question", "What is 3 + 4?",
+        "--response", "3 + 4 = 7\n\nso 7", "--template", "tinyworld", "--json",
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    scores = [step["score"] for step in json.loads(cli.stdout)["steps"]]
+    prompt = scorer.tokenize(format_prompt("What is 3 + 4?"))
+    [(_, expected)] = scorer.score_responses([(prompt, scorer.tokenize("3 + 4 = 7\n\nso 7"))])
+    assert scores == pytest.approx(expected, abs=1e-5)

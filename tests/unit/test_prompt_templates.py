@@ -101,3 +101,13 @@ def test_puremesh_eval_refuses_a_bad_template_in_one_line(tiny_policy_dir, tmp_p
     assert err.count("\n") == 0 and "has no {question} field" in err
     assert main([*argv, "--chat-template"]) == 2  # the tiny tokenizer has no chat template
     assert "has no chat template" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command", [["score", "--question", "Q", "--response", "R"], ["generate", "--prompt", "Q"]]
+)
+def test_the_clients_refuse_a_bad_template_in_one_line(command, capsys) -> None:
+    # refused before any connection is made (the target is never dialled)
+    assert main([*command, "--target", "127.0.0.1:1", "--prompt-format", "{answer}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "has no {question} field" in err
