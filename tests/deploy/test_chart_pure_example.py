@@ -39,3 +39,16 @@ def test_the_pure_example_renders_into_valid_settings() -> None:
     prm = PrmSettings.model_validate(files["prm.yaml"])
     assert prm.model_path == "/models/prm" and prm.readout is Readout.DIFFERENCE and prm.step_tag is None
     assert VerifySettings.model_validate(files["verify.yaml"]).grader is Grader.PURE
+
+
+def test_a_newline_step_tag_reaches_the_ray_apps_and_the_configmap(tmp_path) -> None:
+    """prm.step_tag "\\n" (PURE's layout, written out) arrives intact in serveConfigV2 and in the
+    ConfigMap: a YAML round trip inside the chart once turned it into ""."""
+    values = tmp_path / "tag.yaml"
+    values.write_text(yaml.safe_dump({"services": {"prm": {"settings": {"step_tag": "\n"}}}}))
+    docs = render((*VALUES, values))
+    serve = yaml.safe_load(find(docs, "RayService")[0]["spec"]["serveConfigV2"])
+    [prm_app] = [app for app in serve["applications"] if app["name"] == "prm"]
+    assert PrmSettings.model_validate(prm_app["args"]["settings"]).step_tag == "\n"
+    [config] = [d for d in find(docs, "ConfigMap") if "prm.yaml" in d.get("data", {})]
+    assert yaml.safe_load(config["data"]["prm.yaml"])["step_tag"] == "\n"

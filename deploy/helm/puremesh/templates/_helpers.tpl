@@ -132,7 +132,8 @@ The volumes holding a pod's token files and TLS files: (dict "root" $ "tokens" (
 A service's settings as a dict: the values' `settings`, then the keys the chart owns
 (server.metrics_port and server.metrics_host; server.auth_tokens, the service's token file;
 rollout's weights_target and weights_security, the replicas' way to the learner).
-Call with (dict "root" $ "name" "rollout").
+Call with (dict "root" $ "name" "rollout"); with "json" true it is JSON, for `fromJson` (a YAML
+round trip through fromYaml turns a string such as "\n", prm.step_tag, into "").
 */}}
 {{- define "puremesh.serviceSettings" -}}
 {{- $root := .root }}
@@ -149,7 +150,11 @@ Call with (dict "root" $ "name" "rollout").
 {{- end }}
 {{- $_ := set $owned "weights_security" $weights }}
 {{- end }}
+{{- if .json }}
+{{- toJson (mergeOverwrite $settings $owned) }}
+{{- else }}
 {{- toYaml (mergeOverwrite $settings $owned) }}
+{{- end }}
 {{- end }}
 
 {{/*
