@@ -7,7 +7,6 @@ fetches them first. A test that needs a missing tool is skipped and says how to 
 from __future__ import annotations
 
 import functools
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,11 +14,12 @@ from typing import Any
 import pytest
 import yaml
 
+from puremesh.cli.chart_alerts import AlertsUnavailable, find_tool
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "puremesh"
 EXAMPLES = REPO / "deploy" / "helm" / "examples"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
-TOOLS_BIN = REPO / ".tools" / "bin"
 # The Kubernetes version the manifests are rendered for and validated against (kubernetes-validate
 # ships schemas for 1.25 to 1.37; the chart asks for >= 1.25).
 KUBE_VERSION = "1.31.0"
@@ -36,14 +36,12 @@ CASES = {
 
 
 def tool(name: str) -> str:
-    """The path of a tool from .tools/bin (or PATH); skips the test if it is missing."""
-    local = TOOLS_BIN / name
-    if local.is_file():
-        return str(local)
-    found = shutil.which(name)
-    if found:
-        return found
-    pytest.skip(f"{name} is missing: `make tools` fetches it into .tools/bin (`make test` does it first)")
+    """The path of a tool from .tools/bin (or PATH), found as the demo finds it; skips the test
+    if it is missing."""
+    try:
+        return find_tool(name)
+    except AlertsUnavailable as missing:
+        pytest.skip(f"{missing} (`make test` does it first)")
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
