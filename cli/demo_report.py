@@ -3,7 +3,11 @@
 summary.json keeps, per run under runs.<credit>: accuracy_before, accuracy_after, stderr_after,
 n_eval, steps, seconds, steps_per_response_first / _last and response_length_first / _last (means
 over the first and last WINDOW training steps), answer_rate_last and truncated_rate_last (the
-same window), and alerts_fired (the chart's reward-hacking alerts that fired, cli/chart_alerts.py).
+same window), alerts_fired (the chart's reward-hacking alerts that fired, cli/chart_alerts.py), and
+first_errors_before / first_errors_after: the share of the held-out outputs (OUT/<credit>/heldout/
+step-N.jsonl, trainer/heldout.py) at step 0 and at the last step whose first wrong step is of each
+tinyworld.labeller.FirstError kind ("correct" and "no_answer" when none is; null when the outputs
+are not there or are not tiny-world problems).
 At the top level: ground_truth_fraction, mode, seconds and alerts (evaluated, step_seconds, the
 rules evaluated, and why not when they could not be).
 """
@@ -12,7 +16,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
+
+from puremesh.tinyworld.labeller import FirstError, first_error
+from puremesh.trainer.heldout import read_outputs
 
 from .chart_alerts import AlertsUnavailable, evaluate_run
 
@@ -33,9 +41,22 @@ def _mean(records: list[dict], key: str) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
-def run_summary(result, seconds: float, fired: list[str]) -> dict:
+def first_errors(run_dir: Path, step: int) -> dict[str, float] | None:
+    """The share of each FirstError kind over the held-out outputs of `step` in `run_dir`."""
+    try:
+        outputs = read_outputs(run_dir, step)
+        counts = Counter(first_error(o.question, o.text) for o in outputs)
+    except (OSError, ValueError):
+        return None
+    if not outputs:
+        return None
+    return {kind.value: round(counts[kind] / len(outputs), 4) for kind in FirstError}
+
+
+def run_summary(result, seconds: float, fired: list[str], run_dir: Path | None = None) -> dict:
     steps = [r for r in result.history if "outcome_reward" in r]
     first, last = steps[:WINDOW], steps[-WINDOW:]
+    kept = run_dir is not None
     return {
         "accuracy_before": result.accuracy_before,
         "accuracy_after": result.accuracy_after,
@@ -50,6 +71,8 @@ def run_summary(result, seconds: float, fired: list[str]) -> dict:
         "answer_rate_last": _mean(last, "answer_ratio"),
         "truncated_rate_last": _mean(last, "truncated_ratio"),
         "alerts_fired": fired,
+        "first_errors_before": first_errors(run_dir, 0) if kept else None,
+        "first_errors_after": first_errors(run_dir, result.steps) if kept else None,
     }
 
 
@@ -85,7 +108,7 @@ def write_report(
         "seconds": round(seconds, 1),
         "alerts": alerts,
         "runs": {
-            credit: run_summary(result, run_seconds, fired[credit])
+            credit: run_summary(result, run_seconds, fired[credit], out / credit)
             for credit, (result, run_seconds) in results.items()
         },
     }
@@ -133,9 +156,32 @@ def _report_lines(summary: dict, plots: list[tuple[str, str]], world) -> list[st
         ]
     else:
         lines += ["", f"Alerts: not evaluated ({alerts['note']})."]
+    lines += _first_error_lines(summary["runs"])
     lines += ["", f"Whole demo (bootstrap included): {summary['seconds']:.0f} s.", ""]
     lines += [f"![{title}]({name})" for name, title in plots]
     lines += ["", f"Tiny world: {world.summary()}; policy {world.policy_dir}, PRM {world.prm_dir}.", ""]
+    return lines
+
+
+def _first_error_lines(runs: dict) -> list[str]:
+    """The table of first errors in the held-out outputs, before -> after, per run."""
+    kept = {c: r for c, r in runs.items() if r.get("first_errors_before") and r.get("first_errors_after")}
+    if not kept:
+        return []
+    lines = [
+        "",
+        "What the held-out outputs get wrong first (share of problems, before -> after training; "
+        "tinyworld/labeller.py reads each output step by step):",
+        "",
+        "| first error | " + " | ".join(kept) + " |",
+        "|---|" + "---|" * len(kept),
+    ]
+    for kind in FirstError:
+        cells = [
+            f"{r['first_errors_before'][kind.value]:.3f} -> {r['first_errors_after'][kind.value]:.3f}"
+            for r in kept.values()
+        ]
+        lines.append(f"| {kind.value} | " + " | ".join(cells) + " |")
     return lines
 
 

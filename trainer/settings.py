@@ -270,7 +270,9 @@ class TrackingSettings(FrozenSettings):
 class LearnerSettings(FrozenSettings):
     policy_path: str = Field(..., description="local directory of the starting policy (and reference)")
     train_path: str = Field(..., description="training problems (JSONL or parquet, PURE layout)")
-    out_dir: str = Field("runs/latest", description="checkpoints, metrics.jsonl")
+    out_dir: str = Field(
+        "runs/latest", description="checkpoints, metrics.jsonl, heldout/step-N.jsonl (the held-out outputs)"
+    )
     steps: int = Field(100, ge=1)
     seed: int = 0
     device: str = Field(

@@ -24,6 +24,7 @@ from puremesh.cli.export import export
 from puremesh.cli.process_mesh import run_mesh
 from puremesh.cli.run_settings import RunSettings
 from puremesh.services.rollout.client import RolloutClient
+from puremesh.trainer.heldout import read_outputs
 
 pytestmark = pytest.mark.integration
 
@@ -97,6 +98,10 @@ async def test_training_survives_a_killed_replica_and_syncs_the_rest(
     # the held-out evaluations before and after training are part of the history the demo plots
     evaluations = [r for r in result.history if "heldout_accuracy" in r]
     assert [r["step"] for r in evaluations] == [0, 5] and result.n_eval == 4
+    # ... and their outputs are kept, one line per problem, graded as the accuracy counts them
+    for record in evaluations:
+        outputs = read_outputs(tmp_path / "run", record["step"])
+        assert len(outputs) == 4 and sum(o.solved for o in outputs) / 4 == record["heldout_accuracy"]
     before = weights(tiny_policy_dir)
     after = weights(export(tmp_path / "run" / "checkpoints" / "step-000005", tmp_path / "exported"))
     changed = [name for name in before if not torch.equal(before[name], after[name])]

@@ -11,8 +11,10 @@ import pytest
 from puremesh.cli.demo import FULL, QUICK, demo_settings
 from puremesh.cli.demo_report import WINDOW, run_summary
 from puremesh.cli.main import main
+from puremesh.tinyworld.labeller import FirstError
 from puremesh.tinyworld.world import BootstrapConfig, TinyWorld
 from puremesh.trainer.algo.options import CreditMethod, RewardMode
+from puremesh.trainer.heldout import Output, read_outputs, write_outputs
 from puremesh.trainer.loop import RunResult
 
 
@@ -88,3 +90,40 @@ def test_run_summary_averages_the_first_and_last_window():
     assert summary["answer_rate_last"] == pytest.approx(1 - sum(range(13 - WINDOW, 12)) / (WINDOW - 1) / 100)
     assert summary["alerts_fired"] == ["PuremeshStepCountShift"] and summary["seconds"] == 61.2
     assert json.loads(json.dumps(summary)) == summary
+
+
+def test_run_summary_counts_the_first_errors_of_the_kept_heldout_outputs(tmp_path):
+    question = (
+        "Hugo has 27 bottles. First, he buys 5 more. Second, he loses 3. How many bottles does he have now?"
+    )
+    right = (
+        "First, he buys 5 more: 27 + 5 = 32\n\nSecond, he loses 3: 32 - 3 = 29\n\nThe answer is \\boxed{29}"
+    )
+    slipped = (
+        "First, he buys 5 more: 27 + 5 = 22\n\nSecond, he loses 3: 22 - 3 = 19\n\nThe answer is \\boxed{19}"
+    )
+    near = (
+        "First, he buys 5 more: 27 + 5 = 33\n\nSecond, he loses 3: 33 - 3 = 30\n\nThe answer is \\boxed{30}"
+    )
+    write_outputs(
+        tmp_path, 0, [Output(question, "29", slipped, False)] * 3 + [Output(question, "29", right, True)]
+    )
+    write_outputs(tmp_path, 12, [Output(question, "29", near, False), Output(question, "29", right, True)])
+    result = RunResult(12, 12, 1.0, 0.25, 0.5, 0.02, 0.03, 4, [{"step": 0}])
+    summary = run_summary(result, 1.0, [], tmp_path)
+    before, after = summary["first_errors_before"], summary["first_errors_after"]
+    assert set(before) == {kind.value for kind in FirstError} and sum(before.values()) == pytest.approx(1)
+    assert before["forgotten_carry"] == 0.75 and before["correct"] == 0.25
+    assert after["off_by_one"] == 0.5 and after["correct"] == 0.5 and after["forgotten_carry"] == 0
+    # outputs not kept, or not the tiny world's problems: null, not an error
+    assert run_summary(result, 1.0, [], tmp_path / "none")["first_errors_after"] is None
+    write_outputs(tmp_path, 12, [Output("What is 2 + 2?", "4", "4", True)])
+    assert run_summary(result, 1.0, [], tmp_path)["first_errors_after"] is None
+    assert run_summary(result, 1.0, [])["first_errors_before"] is None
+
+
+def test_heldout_outputs_round_trip(tmp_path):
+    outputs = [Output("q1", "3", "x\n\ny", True), Output("q2", "4", "", False)]
+    path = write_outputs(tmp_path, 20, outputs)
+    assert path == tmp_path / "heldout" / "step-000020.jsonl" and read_outputs(tmp_path, 20) == outputs
+    assert not list(path.parent.glob("*.partial"))
