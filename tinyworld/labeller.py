@@ -47,6 +47,7 @@ class FirstError(enum.Enum):
     CORRECT = "correct"  # every step right, and the answer given
     NO_ANSWER = "no_answer"  # every step right, but it stops before an answer
     FORGOTTEN_CARRY = "forgotten_carry"  # an addition 10 short: the world's systematic flaw
+    SPURIOUS_CARRY = "spurious_carry"  # an addition without a carry written 10 too big
     OFF_BY_ONE = "off_by_one"  # a result 1 away from its own operands' result
     ARITHMETIC = "arithmetic"  # any other wrong result
     WRONG_INPUTS = "wrong_inputs"  # right arithmetic on a wrong value, operand or event
@@ -123,6 +124,8 @@ def _kind(step: str, value: int, done: int) -> FirstError:
     result = apply_op(left, op, operand)
     if written == result:
         return FirstError.WRONG_INPUTS
-    if is_carry_step(left, op, operand) and written == result - CARRY:
+    if op == "+" and written == result - CARRY and is_carry_step(left, op, operand):
         return FirstError.FORGOTTEN_CARRY
+    if op == "+" and written == result + CARRY and not is_carry_step(left, op, operand):
+        return FirstError.SPURIOUS_CARRY
     return FirstError.OFF_BY_ONE if abs(written - result) == 1 else FirstError.ARITHMETIC

@@ -63,3 +63,14 @@ def read_outputs(out_dir: str | Path, step: int) -> list[Output]:
     """The outputs `write_outputs` wrote for `step`."""
     lines = outputs_path(out_dir, step).read_text(encoding="utf-8").splitlines()
     return [Output(**json.loads(line)) for line in lines if line.strip()]
+
+
+async def evaluate_kept(learner, mesh) -> tuple[float, float]:
+    """`evaluate` on the learner's held-out problems at its current step and version, the
+    outputs kept in its out_dir (`write_outputs`): (accuracy, stderr)."""
+    settings = learner.settings
+    accuracy, stderr, outputs = await evaluate(
+        mesh, learner.heldout, learner.encode, settings.eval.max_new_tokens, learner.version
+    )
+    write_outputs(settings.out_dir, learner.step, outputs)
+    return accuracy, stderr

@@ -31,7 +31,7 @@ from .backends import AnswerVerifier, RolloutBackend, StepScorer
 from .collector import Collector, CollectStats, ScoredGroup
 from .controller import Controller, Trainable
 from .data import Problem, ProblemStream, keep_ground_truth, load_problems
-from .heldout import evaluate, write_outputs
+from .heldout import evaluate_kept
 from .ledger import Ledger
 from .ranks import RankFailure, Ranks, current_ranks, start_ranks
 from .settings import LearnerSettings
@@ -198,10 +198,7 @@ async def train_step(learner: Learner, mesh: Mesh, collector: Collector) -> dict
     learner.step += 1
     stats.update(batch_stats(learner, mesh, groups, collected))
     if eval_due(learner):
-        accuracy, stderr, outputs = await evaluate(
-            mesh, learner.heldout, learner.encode, settings.eval.max_new_tokens, learner.version
-        )
-        write_outputs(settings.out_dir, learner.step, outputs)
+        accuracy, stderr = await evaluate_kept(learner, mesh)
         stats.update(heldout_accuracy=accuracy, heldout_stderr=stderr, heldout_accuracy_ratio=accuracy)
     if checkpoint_due(learner):
         await timed(phases, "checkpoint", save_checkpoint(learner))
@@ -351,10 +348,7 @@ def record_step(learner: Learner, stats: dict, phases: dict[str, float]) -> dict
 
 async def evaluate_heldout(learner: Learner, mesh: Mesh, result: RunResult, when: str) -> tuple[float, float]:
     """The held-out evaluation before or after training, recorded in the log and the run's history."""
-    accuracy, stderr, outputs = await evaluate(
-        mesh, learner.heldout, learner.encode, learner.settings.eval.max_new_tokens, learner.version
-    )
-    write_outputs(learner.settings.out_dir, learner.step, outputs)
+    accuracy, stderr = await evaluate_kept(learner, mesh)
     metrics.export_value(learner.step, "heldout_accuracy_ratio", accuracy)
     record = {"step": learner.step, "heldout_accuracy": accuracy, "heldout_stderr": stderr}
     learner.journal.write(record)
