@@ -44,11 +44,11 @@ class DemoBudget:
     samples_per_prompt: int = 4
     temperature: float = 1.0
     max_new_tokens: int = 96
-    # 5e-5 on the full world, at 10% ground truth (README, the demo's sweep, one run each): both
-    # forms climb by step 20, then slide; min-form keeps its gain (0.456 -> 0.596 with vLLM), sum-
-    # form loses it (0.482). At 3e-5 both keep more (min 0.718, sum 0.654); at 1e-4 min-form fell
-    # to 0.146. The quick world keeps 1e-4: at 2e-5 neither form moved far from the SFT policy in
-    # 40 quick steps (KL 0.04).
+    # 5e-5 on the full world, at 10% ground truth (README, the demo; one run each): both forms
+    # climb by step 20, then slide; min-form keeps its gain (0.456 -> 0.730 in a fresh clone's
+    # make demo, 0.596 in a rerun), sum-form loses it (0.340, 0.482). At 3e-5 both keep more (min
+    # 0.718, sum 0.654); at 1e-4 min-form fell to 0.146. The quick world keeps 1e-4: at 2e-5
+    # neither form moved far from the SFT policy in 40 quick steps (KL 0.04).
     lr: float = 5e-5
     minibatches: int = 2
 
