@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from puremesh.cli.demo_report import PLOTS
+from puremesh.tinyworld.labeller import FirstError
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +43,8 @@ SUMMARY_KEYS = {
     "answer_rate_last",
     "truncated_rate_last",
     "alerts_fired",
+    "first_errors_before",
+    "first_errors_after",
 }
 
 
@@ -86,6 +89,14 @@ def test_the_summary_keeps_its_keys(summary):
     # both runs start from the same policy and are evaluated greedily on the same problems
     assert summary["runs"]["min"]["accuracy_before"] == summary["runs"]["sum"]["accuracy_before"]
     assert summary["runs"]["min"]["n_eval"] == summary["runs"]["sum"]["n_eval"]
+    assert summary["runs"]["min"]["first_errors_before"] == summary["runs"]["sum"]["first_errors_before"]
+    for run in summary["runs"].values():
+        for when in ("before", "after"):
+            shares = run[f"first_errors_{when}"]
+            assert set(shares) == {kind.value for kind in FirstError}
+            assert sum(shares.values()) == pytest.approx(1, abs=1e-3)
+            # an output the labeller finds right boxes the right answer, so the grader counts it
+            assert shares["correct"] <= run[f"accuracy_{when}"] + 1e-9, (when, shares, run)
 
 
 def test_the_alerts_are_the_charts_evaluated_over_each_run(demo, summary):
