@@ -4,8 +4,10 @@ solutions.py writes solutions together with their labels; the policy's own outpu
 any. `label_steps` labels any solution of a tiny-world question by the first-error rule of
 solutions.py, as a careful labeller who knows the question would:
 
-- an operation step is right iff it is exactly the step a correct solution writes next (the
-  question's next event, the value so far, its arithmetic);
+- an operation step is right iff it is the step a correct solution writes next: the next
+  event's ordinal, the value so far, the event's operation and operand, the right result. How it
+  words the event is not judged ("gets 3 more" for the question's "finds 3 more" is right; the
+  quick world's policy does that often);
 - a pad is right iff what it says is true: the start, the value so far, the previous operation
   as written, or one of the rethinking phrases;
 - the answer step is right iff every event has been applied and it boxes the value so far;
@@ -38,6 +40,7 @@ from .task import _EVENT_RE, _QUESTION_RE, PRONOUNS, is_carry_step, parse_questi
 ANSWER_PREFIX = answer_text(0).split("\\boxed", 1)[0]  # "The answer is "
 
 _THING_RE = re.compile(r"^\w+ has \d+ (\w+)\.")
+_PHRASE = "\x00"  # where an operation step words its event (not judged: see the docstring)
 _ARITHMETIC_RE = re.compile(r"(\d+) ([+*-]) (\d+) = (\d+)$")
 
 
@@ -86,11 +89,18 @@ def _walk(question: str, steps: list[str]) -> Iterator[tuple[bool, int, int]]:
         if not right and done < len(q.operations):
             op, operand = q.operations[done]
             result = apply_op(value, op, operand)
-            if step == step_text(done + 1, q.pronoun, q.phrases[done], value, op, operand, result):
+            if _states(step, step_text(done + 1, q.pronoun, _PHRASE, value, op, operand, result)):
                 right, last, value, done = True, f"{value} {op} {operand} = {result}", result, done + 1
         elif not right:
             right = step == answer_text(value)
         yield (right, *before)
+
+
+def _states(step: str, template: str) -> bool:
+    """Whether `step` is `template` with any wording of the event where _PHRASE stands."""
+    before, after = template.split(_PHRASE)
+    middle = step[len(before) : len(step) - len(after)]
+    return step.startswith(before) and step.endswith(after) and bool(middle.strip()) and ":" not in middle
 
 
 def label_steps(question: str, steps: list[str]) -> list[int]:

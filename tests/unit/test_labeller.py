@@ -90,3 +90,11 @@ def test_a_question_of_another_world_is_refused():
 )
 def test_first_error_names_what_goes_wrong_first(text, kind):
     assert first_error(QUESTION, text) is kind
+
+
+def test_the_wording_of_an_event_is_not_judged_its_numbers_are():
+    reworded = "First, he gets 5 more: 27 + 5 = 32"
+    assert label_steps(QUESTION, [reworded, SECOND, ANSWER]) == [1, 1, 1]
+    assert label_steps(QUESTION, ["First, he: 27 + 5 = 32"]) == [0]  # no event at all
+    assert label_steps(QUESTION, ["Second, he gets 5 more: 27 + 5 = 32"]) == [0]  # the wrong ordinal
+    assert label_steps(QUESTION, ["First, she buys 5 more: 27 + 5 = 32"]) == [0]  # the wrong person
