@@ -104,3 +104,14 @@ class Served:
 
 def ratio_line(name: str, measured: float, baseline: float, target: str) -> str:
     return f"{name}: {measured / baseline:6.2f}x   (target {target})"
+
+
+def tiny_world(cache: str | None, quick: bool):
+    """The bootstrapped tiny world a demo benchmark trains in (built on first use): `cache`, or
+    the demo's default cache; for the quick world, its "-quick" sibling."""
+    from puremesh.tinyworld.world import bootstrap, default_cache_dir
+
+    root = Path(cache or default_cache_dir())
+    if quick:
+        root = root.with_name(root.name + "-quick")
+    return bootstrap(root, log=print, quick=quick)

@@ -23,11 +23,10 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `puremesh up` (cli/main.py), before torch
 
-import _common  # noqa: F401  (environment for vLLM on CPU)
+import _common  # first: the environment for vLLM on CPU
 
 from puremesh.cli.demo import DEFAULT_GROUND_TRUTH_FRACTION, FULL, QUICK, demo_settings
 from puremesh.cli.process_mesh import run_mesh
-from puremesh.tinyworld.world import bootstrap, default_cache_dir
 from puremesh.trainer.algo.options import OffPolicyCorrection
 
 RUNS = {"staleness 0": (0, "none"), "staleness 1": (1, "none"), "staleness 1 + tis": (1, "tis")}
@@ -80,10 +79,7 @@ def main() -> None:
         help="share of training prompts with ground truth (default: the demo's, %(default)s)",
     )
     args = parser.parse_args()
-    cache = Path(args.cache or default_cache_dir())
-    if args.quick:
-        cache = cache.with_name(cache.name + "-quick")
-    world = bootstrap(cache, log=print, quick=args.quick)
+    world = _common.tiny_world(args.cache, args.quick)
     with tempfile.TemporaryDirectory() as scratch:
         results = {name: one_run(world, Path(scratch), *how, args) for name, how in RUNS.items()}
     print(

@@ -28,11 +28,10 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `puremesh up` (cli/main.py), before torch
 
-import _common  # noqa: F401  (environment for vLLM on CPU)
+import _common  # first: the environment for vLLM on CPU
 
 from puremesh.cli.demo import demo_settings
 from puremesh.cli.process_mesh import run_mesh
-from puremesh.tinyworld.world import bootstrap, default_cache_dir
 
 PHASES = ("collect", "update", "publish")
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -103,10 +102,7 @@ def main() -> None:
     parser.add_argument("--cache", help="tiny-world cache directory")
     parser.add_argument("--quick", action="store_true", help="the quick world (same per-step budget)")
     args = parser.parse_args()
-    cache = Path(args.cache or default_cache_dir())
-    if args.quick:
-        cache = cache.with_name(cache.name + "-quick")
-    world = bootstrap(cache, log=print, quick=args.quick)
+    world = _common.tiny_world(args.cache, args.quick)
     with tempfile.TemporaryDirectory() as scratch:
         runs = {s: summary(*one_run(world, Path(scratch), s, args.steps, args.engine)) for s in (0, 1)}
     print(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; {os.cpu_count()} cores")
