@@ -35,7 +35,7 @@ from puremesh.contract.steps import STEP_SEPARATOR
 
 from .corpus import apply_op
 from .solutions import CARRY, RETHINK_PHRASES, answer_text, step_text
-from .task import _EVENT_RE, _QUESTION_RE, PRONOUNS, is_carry_step, parse_question
+from .task import PRONOUNS, is_carry_step, parse_question
 
 ANSWER_PREFIX = answer_text(0).split("\\boxed", 1)[0]  # "The answer is "
 
@@ -64,25 +64,22 @@ class _Question:
     operations: tuple[tuple[str, int], ...]
     pronoun: str
     thing: str
-    phrases: tuple[str, ...]
 
     @classmethod
     def parse(cls, question: str) -> _Question:
-        start, operations = parse_question(question)
-        thing, events = _THING_RE.match(question), _QUESTION_RE.match(question)
-        if thing is None or events is None:
+        start, operations = parse_question(question)  # ValueError for other text
+        thing, pronoun = _THING_RE.match(question), PRONOUNS.get(question.split(" ", 1)[0])
+        if thing is None or pronoun is None:
             raise ValueError(f"not a tiny-world question: {question!r}")
-        pronoun = PRONOUNS[question.split(" ", 1)[0]].lower()
-        return cls(start, operations, pronoun, thing.group(1), tuple(_EVENT_RE.findall(events.group(2))))
+        return cls(start, operations, pronoun.lower(), thing.group(1))
 
 
-def _walk(question: str, steps: list[str]) -> Iterator[tuple[bool, int, int]]:
-    """For each step: (right, the value so far before it, the events applied before it), judged
-    on its own as the next step of a solution that has been right so far."""
+def _walk(question: str, steps: list[str]) -> Iterator[bool]:
+    """For each step, whether it is right, judged on its own as the next step of a solution that
+    has been right so far."""
     q = _Question.parse(question)
     value, done, last = q.start, 0, ""
     for step in steps:
-        before = value, done
         right = step in RETHINK_PHRASES or step == f"At the start, {q.pronoun} has {q.start} {q.thing}."
         if not right and done > 0:
             right = step in (f"So far, {q.pronoun} has {value} {q.thing}.", f"Check: {last}")
@@ -93,7 +90,7 @@ def _walk(question: str, steps: list[str]) -> Iterator[tuple[bool, int, int]]:
                 right, last, value, done = True, f"{value} {op} {operand} = {result}", result, done + 1
         elif not right:
             right = step == answer_text(value)
-        yield (right, *before)
+        yield right
 
 
 def _states(step: str, template: str) -> bool:
@@ -107,7 +104,7 @@ def label_steps(question: str, steps: list[str]) -> list[int]:
     """First-error labels (1 = this step and every earlier one are right) of `steps` as a
     solution of `question` (a tiny-world question; ValueError for other text)."""
     labels, ok = [], True
-    for right, _, _ in _walk(question, steps):
+    for right in _walk(question, steps):
         ok = ok and right
         labels.append(int(ok))
     return labels
@@ -117,14 +114,15 @@ def first_error(question: str, text: str) -> FirstError:
     """The kind of the first wrong step of `text` (steps separated by "\\n\\n") as a solution
     of `question`; CORRECT or NO_ANSWER when every step is right."""
     steps = [step for step in text.split(STEP_SEPARATOR) if step.strip()]
-    for step, (right, value, done) in zip(steps, _walk(question, steps), strict=True):
+    for step, right in zip(steps, _walk(question, steps), strict=True):
         if not right:
-            return _kind(step, value, done)
+            return _kind(step)
     answered = bool(steps) and steps[-1].startswith(ANSWER_PREFIX)
     return FirstError.CORRECT if answered else FirstError.NO_ANSWER
 
 
-def _kind(step: str, value: int, done: int) -> FirstError:
+def _kind(step: str) -> FirstError:
+    """What the first wrong step `step` gets wrong, read from the step alone."""
     if step.startswith(ANSWER_PREFIX):
         return FirstError.WRONG_ANSWER
     match = _ARITHMETIC_RE.search(step)

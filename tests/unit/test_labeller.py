@@ -68,6 +68,9 @@ def test_hand_cases(steps, expected):
 def test_a_question_of_another_world_is_refused():
     with pytest.raises(ValueError, match="not a tiny-world question"):
         label_steps("What is 2 + 2?", ["4"])
+    # the tiny world's shape, but a name it never uses
+    with pytest.raises(ValueError, match="not a tiny-world question"):
+        label_steps(QUESTION.replace("Hugo", "Bob"), [FIRST])
 
 
 @pytest.mark.parametrize(
